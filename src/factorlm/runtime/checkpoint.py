@@ -1,0 +1,316 @@
+"""Saving and loading factored checkpoints (HF folder + safetensors, never pickle).
+
+Loading builds the model skeleton with parameters on the meta device, swaps in
+``FactoredLinear`` modules of the recorded ranks, validates every tensor against the
+expected names and shapes, and assigns the tensors read from safetensors directly, so no
+second copy of the weights is ever made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .factored_linear import FactoredLinear
+from .format import FactoredConfig, FactorlmError, FormatError, read_config_json, read_factored_config, u_key, v_key
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _split_fqn(fqn: str) -> tuple[str, str]:
+    parent, _, child = fqn.rpartition(".")
+    return parent, child
+
+
+def replace_with_factored(model: nn.Module, ranks: dict[str, int], device: torch.device | str = "meta") -> None:
+    """Replace each named ``nn.Linear`` by an empty ``FactoredLinear`` of the given rank.
+
+    Used on a meta-device skeleton before loading; errors name the offending module.
+    """
+    for fqn, rank in ranks.items():
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            raise FormatError(f"module {fqn!r} listed in 'ranks' does not exist in {type(model).__name__}") from None
+        if isinstance(module, FactoredLinear):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise FormatError(f"module {fqn!r} is a {type(module).__name__}, not a Linear; it cannot be factored")
+        limit = min(module.in_features, module.out_features)
+        if rank > limit:
+            raise FormatError(f"module {fqn!r}: rank {rank} exceeds min(in, out) = {limit}")
+        new = FactoredLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
+                             device=device, dtype=module.weight.dtype)
+        parent, child = _split_fqn(fqn)
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def factorize_model(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace the named ``nn.Linear`` modules by plain truncated-SVD ``FactoredLinear`` in place."""
+    for fqn, rank in ranks.items():
+        module = model.get_submodule(fqn)
+        if not isinstance(module, nn.Linear):
+            raise FactorlmError(f"module {fqn!r} is a {type(module).__name__}, not a Linear")
+        limit = min(module.in_features, module.out_features)
+        if not 1 <= rank <= limit:
+            raise FactorlmError(f"module {fqn!r}: rank {rank} is out of range 1..{limit}")
+        parent, child = _split_fqn(fqn)
+        setattr(model.get_submodule(parent) if parent else model, child, FactoredLinear.from_linear(module, rank))
+
+
+def factored_ranks(model: nn.Module) -> dict[str, int]:
+    """Rank of every ``FactoredLinear`` in a model, by fully-qualified name."""
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, FactoredLinear)}
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device while buffers stay real.
+
+    Non-persistent buffers (rotary inverse frequencies, embedding scales) are not in the
+    checkpoint, so they must be computed for real at construction; parameters are about to
+    be replaced by tensors read from disk, so allocating them would be a wasted copy.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kwargs = {"requires_grad": param.requires_grad}
+            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_factored(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    config: FactoredConfig | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (with its FactoredLinear modules) as a factored checkpoint.
+
+    The folder is written to a temporary sibling and renamed into place, so an interrupted
+    save never leaves a half-written checkpoint; an existing ``out_dir`` is refused unless
+    ``overwrite``. ``config`` supplies ``dense``/``correctors``/``producer``; ranks are always
+    read from the model itself so they cannot disagree with the tensors.
+    """
+    from .. import __version__
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FactorlmError(f"{out}: output directory exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    ranks = factored_ranks(model)
+    base = config or FactoredConfig(ranks=ranks)
+    block = FactoredConfig(
+        ranks=ranks,
+        dense=[d for d in base.dense if d not in ranks],
+        correctors=base.correctors,
+        factor_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        producer=base.producer or {"name": "factorlm", "version": __version__},
+    ).to_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    previous = getattr(model.config, "quantization_config", None)
+    try:
+        model.config.quantization_config = block
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as fh:
+                fh.write(content)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if previous is None:
+            with contextlib.suppress(AttributeError):
+                del model.config.quantization_config
+        else:
+            model.config.quantization_config = previous
+    logger.info("saved factored checkpoint with %d factored modules to %s", len(ranks), out)
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is removed only after the move is possible."""
+    if dst.exists():
+        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, backup)
+        os.replace(src, dst)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def safetensors_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a folder (single file or sharded index); never .bin files."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise FormatError(f"{index}: malformed safetensors index: {exc}") from exc
+        return [root / name for name in sorted(set(weight_map.values()))]
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+        raise FormatError(f"{root}: only pickle weight files found; factorlm reads safetensors only")
+    raise FormatError(f"{root}: no model.safetensors (or index) found")
+
+
+def read_tensors(model_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of a folder and the file each came from (for error messages)."""
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+                origin[key] = path
+    return tensors, origin
+
+
+def _build_skeleton(model_dir: Path, dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    return model
+
+
+def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, Path], where: Path) -> None:
+    """Every parameter must be present with the right shape; tied weights may be absent."""
+    tied = _tied_parameter_names(model)
+    expected = dict(model.state_dict(keep_vars=True))
+    for key, param in expected.items():
+        if key not in tensors:
+            if key in tied:
+                continue
+            module = key.rsplit(".", 1)[0]
+            raise FormatError(f"{where}: missing tensor {key!r} for module {module!r}")
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise FormatError(
+                f"{origin[key]}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                f"module expects {tuple(param.shape)}"
+            )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        logger.warning("%s: ignoring %d unexpected tensors, e.g. %s", where, len(unexpected), unexpected[:3])
+
+
+def _tied_parameter_names(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {"lm_head.weight"}
+
+
+def load_factored(
+    model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Load a factored checkpoint as a transformers model with ``FactoredLinear`` layers.
+
+    Errors name the file and module: unknown format_version, missing tensor, wrong shape,
+    a rank larger than the layer allows, an architecture the table does not cover.
+    """
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FactorlmError(f"{root}: checkpoint folder not found")
+    block = read_factored_config(root)
+    if block is None:
+        raise FormatError(f"{root / 'config.json'}: no factorlm quantization_config; use load_model() for dense folders")
+    model = _build_skeleton(root, dtype)
+    replace_with_factored(model, block.ranks, device="meta")
+    tensors, origin = read_tensors(root)
+    check_tensors(model, tensors, origin, root)
+    _assign(model, tensors, dtype, device)
+    _load_generation_config(model, root)
+    return model
+
+
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, device: torch.device | str) -> None:
+    expected = set(model.state_dict())
+    state = {k: v for k, v in tensors.items() if k in expected}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.get_input_embeddings().weight
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise FormatError(f"parameters not found in the checkpoint: {leftover[:5]}")
+    model.to(device)
+    model.eval()
+
+
+def _load_generation_config(model: nn.Module, root: Path) -> None:
+    model.config._name_or_path = str(root)
+    if (root / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(root)
+
+
+def is_factored_dir(model_dir: str | os.PathLike) -> bool:
+    """True when the folder holds a factorlm checkpoint."""
+    return read_factored_config(model_dir) is not None
+
+
+def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a dense HF folder or a factored checkpoint alike (local folders only)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FactorlmError(f"{root}: model folder not found")
+    read_config_json(root)
+    if is_factored_dir(root):
+        return load_factored(root, dtype=dtype, device=device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import get_arch
+
+    get_arch(AutoConfig.from_pretrained(root))
+    safetensors_files(root)
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype or torch.float32, use_safetensors=True)
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """The tokenizer saved beside a model (dense or factored)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

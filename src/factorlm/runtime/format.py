@@ -1,0 +1,160 @@
+"""The factored checkpoint format: the `quantization_config` block and tensor naming.
+
+This module is the single source of truth for what a factorlm checkpoint looks like. It
+imports no other factorlm module (and nothing heavier than the standard library), so the
+vLLM plugin, the ONNX exporter and the transformers quantizer can all read a checkpoint
+without pulling in the compressor.
+
+A checkpoint is an ordinary Hugging Face model folder whose ``config.json`` carries::
+
+    "quantization_config": {
+        "quant_method": "factorlm", "format_version": 1,
+        "ranks": {"model.layers.0.self_attn.q_proj": 192, ...},
+        "dense": ["model.layers.0.self_attn.k_proj", ...],
+        "correctors": "folded", "factor_dtype": "float32",
+        "producer": {"name": "factorlm", "version": "0.1.0"}
+    }
+
+and whose safetensors hold ``<fqn>.weight_u`` [out, r] and ``<fqn>.weight_v`` [r, in] for
+every module in ``ranks``; every other module keeps its usual ``<fqn>.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+QUANT_METHOD = "factorlm"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+CORRECTOR_MODES = ("folded", "separate", "none")
+
+U_SUFFIX = "weight_u"
+V_SUFFIX = "weight_v"
+
+
+class FactorlmError(Exception):
+    """Base class of every error factorlm raises on purpose (bad input, bad checkpoint)."""
+
+
+class FormatError(FactorlmError, ValueError):
+    """A checkpoint or config block that does not follow the factored format."""
+
+
+def u_key(fqn: str) -> str:
+    """Name of the left factor U [out, r] of module ``fqn`` in the safetensors file."""
+    return f"{fqn}.{U_SUFFIX}"
+
+
+def v_key(fqn: str) -> str:
+    """Name of the right factor V [r, in] of module ``fqn`` in the safetensors file."""
+    return f"{fqn}.{V_SUFFIX}"
+
+
+@dataclass
+class FactoredConfig:
+    """The ``quantization_config`` block of a factored checkpoint.
+
+    ``ranks`` lists every factored module explicitly (readers such as vLLM must know each
+    rank before any tensor is read); ``dense`` lists the modules that were considered and
+    kept dense on purpose (break-even or allocator choice).
+    """
+
+    ranks: dict[str, int]
+    dense: list[str] = field(default_factory=list)
+    correctors: str = "folded"
+    factor_dtype: str = "float32"
+    producer: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        validate_block_fields(self.ranks, self.dense, self.correctors, self.format_version)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready block, with ``quant_method`` first so readers dispatch on it."""
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "ranks": dict(self.ranks),
+            "dense": list(self.dense),
+            "correctors": self.correctors,
+            "factor_dtype": self.factor_dtype,
+            "producer": dict(self.producer),
+        }
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any], source: str = "quantization_config") -> "FactoredConfig":
+        """Parse and validate a block; ``source`` names the file in error messages."""
+        if not isinstance(block, dict):
+            raise FormatError(f"{source}: quantization_config must be a JSON object, got {type(block).__name__}")
+        method = block.get("quant_method")
+        if method != QUANT_METHOD:
+            raise FormatError(f"{source}: quant_method is {method!r}, expected {QUANT_METHOD!r}")
+        version = block.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise FormatError(
+                f"{source}: unknown factorlm format_version {version!r}; this factorlm reads "
+                f"format_version {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}. "
+                "Upgrade factorlm or re-export the checkpoint."
+            )
+        if "ranks" not in block:
+            raise FormatError(f"{source}: quantization_config has no 'ranks' field")
+        try:
+            return cls(
+                ranks={str(k): v for k, v in block["ranks"].items()},
+                dense=list(block.get("dense", [])),
+                correctors=block.get("correctors", "folded"),
+                factor_dtype=block.get("factor_dtype", "float32"),
+                producer=dict(block.get("producer", {})),
+                format_version=version,
+            )
+        except (AttributeError, TypeError) as exc:
+            raise FormatError(f"{source}: malformed quantization_config: {exc}") from exc
+        except FormatError as exc:
+            raise FormatError(f"{source}: {exc}") from None
+
+
+def validate_block_fields(ranks: Any, dense: Any, correctors: str, version: int) -> None:
+    """Check field types and values; raise FormatError naming the offending field/module."""
+    if not isinstance(ranks, dict):
+        raise FormatError("field 'ranks' must map module names to integer ranks")
+    for name, rank in ranks.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise FormatError(f"field 'ranks': module {name!r} has invalid rank {rank!r} (need an integer >= 1)")
+    if not isinstance(dense, list) or not all(isinstance(d, str) for d in dense):
+        raise FormatError("field 'dense' must be a list of module names")
+    overlap = sorted(set(ranks) & set(dense))
+    if overlap:
+        raise FormatError(f"modules listed both in 'ranks' and 'dense': {overlap[:5]}")
+    if correctors not in CORRECTOR_MODES:
+        raise FormatError(f"field 'correctors' is {correctors!r}; expected one of {CORRECTOR_MODES}")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise FormatError(f"unknown factorlm format_version {version!r}")
+
+
+def is_factored_block(block: Any) -> bool:
+    """True when a quantization_config dict claims to be a factorlm block (any version)."""
+    return isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD
+
+
+def read_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``config.json`` of a model folder with errors that name the file."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FactorlmError(f"{path}: not found (is {model_dir} a model folder?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: invalid JSON: {exc}") from exc
+
+
+def read_factored_config(model_dir: str | os.PathLike) -> FactoredConfig | None:
+    """The factored block of a model folder, or None for an ordinary dense folder."""
+    config = read_config_json(model_dir)
+    block = config.get("quantization_config")
+    if not is_factored_block(block):
+        return None
+    return FactoredConfig.from_dict(block, source=str(Path(model_dir) / "config.json"))
