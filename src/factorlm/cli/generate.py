@@ -1,0 +1,57 @@
+"""``factorlm generate DIR --prompt ...``: stream a completion from a dense or factored model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+ENGINES = ("torch",)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a model folder (dense or factored)")
+    p.add_argument("model", help="model folder, or 'sample' for the built-in sample model")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--engine", choices=ENGINES, default="torch")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..runtime.checkpoint import load_model, load_tokenizer
+    from ..runtime.generate import GenerationStats, SamplingParams, encode_prompt, stream_text
+    from .common import resolve_model_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    path = resolve_model_path(args.model)
+    started = time.perf_counter()
+    model = load_model(path)
+    tokenizer = load_tokenizer(path)
+    load_s = time.perf_counter() - started
+    input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
+    stats = GenerationStats()
+    for piece in stream_text(model, tokenizer, input_ids, params, stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(
+        f"[{stats.prompt_tokens} prompt + {stats.new_tokens} new tokens; load {load_s:.1f}s, "
+        f"TTFT {stats.ttft_s * 1000:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tok/s; "
+        f"finish: {stats.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0
