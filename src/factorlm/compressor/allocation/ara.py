@@ -162,8 +162,8 @@ def train_ara(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            row = {"step": step, "task": float(task), "budget": float(budget_loss), "guide": float(guide_loss),
-                   "cost_ratio": float(cost) / budget}
+            row = {"step": step, "task": task.item(), "budget": budget_loss.item(), "guide": guide_loss.item(),
+                   "cost_ratio": cost.item() / budget}
             history.append(row)
             bar.set_postfix(kl=f"{row['task']:.4f}", cost=f"{row['cost_ratio']:.3f}")
         plan = read_plan(masks, spectra, budget, multiple, min_rank)
