@@ -241,12 +241,14 @@ def _tied_parameter_names(model: nn.Module) -> set[str]:
 
 
 def load_factored(
-    model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+    fast_layout: bool = True,
 ) -> nn.Module:
     """Load a factored checkpoint as a transformers model with ``FactoredLinear`` layers.
 
     Errors name the file and module: unknown format_version, missing tensor, wrong shape,
     a rank larger than the layer allows, an architecture the table does not cover.
+    ``fast_layout`` stores block weights column-major for faster CPU decoding (see layout.py).
     """
     root = Path(model_dir)
     if not root.is_dir():
@@ -260,6 +262,14 @@ def load_factored(
     check_tensors(model, tensors, origin, root)
     _assign(model, tensors, dtype, device)
     _load_generation_config(model, root)
+    return _maybe_fast_layout(model, fast_layout)
+
+
+def _maybe_fast_layout(model: nn.Module, enabled: bool) -> nn.Module:
+    if enabled and next(model.parameters()).device.type == "cpu":
+        from .layout import apply_fast_layout
+
+        apply_fast_layout(model)
     return model
 
 
@@ -291,14 +301,20 @@ def is_factored_dir(model_dir: str | os.PathLike) -> bool:
     return read_factored_config(model_dir) is not None
 
 
-def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """Load a dense HF folder or a factored checkpoint alike (local folders only)."""
+def load_model(
+    model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+    fast_layout: bool = True,
+) -> nn.Module:
+    """Load a dense HF folder or a factored checkpoint alike (local folders only).
+
+    Both get the same weight layout treatment, so dense/factored comparisons are fair.
+    """
     root = Path(model_dir)
     if not root.is_dir():
         raise FactorlmError(f"{root}: model folder not found")
     read_config_json(root)
     if is_factored_dir(root):
-        return load_factored(root, dtype=dtype, device=device)
+        return load_factored(root, dtype=dtype, device=device, fast_layout=fast_layout)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .arch import get_arch
@@ -306,7 +322,7 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None
     get_arch(AutoConfig.from_pretrained(root))
     safetensors_files(root)
     model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype or torch.float32, use_safetensors=True)
-    return model.to(device).eval()
+    return _maybe_fast_layout(model.to(device).eval(), fast_layout)
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
