@@ -120,7 +120,8 @@ def generate_tokens(
     stop_ids = set() if params.ignore_eos else set(stop_ids or ()) | set(params.stop_token_ids or ())
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
-    logits = model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True).logits[:, -1]
+    # logits_to_keep=1: the prompt's other positions need no vocabulary projection
+    logits = model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     for step in range(params.max_new_tokens):
         token = sample_next(logits, params, generator)
         token_id = int(token.item())
