@@ -1,0 +1,158 @@
+"""CALR correctors: a small parallel low-rank path that recovers a layer's functional residual.
+
+A factored layer U(Vx) loses (W - UV)x. The corrector B(Ax) (A: [c, in], B: [out, c]) is
+initialised in closed form from the activation-weighted residual (EoRA) and then trained on
+the functional residual — the layer's output error on calibration activations, a block's
+output error against the dense block, or the logits' KL to the dense model. At save time it
+folds exactly into the factors: U <- [U | B], V <- [V ; A], so every reader sees plain (U, V).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime.factored_linear import FactoredLinear
+from ..runtime.format import FactorlmError
+
+logger = logging.getLogger(__name__)
+
+
+def fold_corrector(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U' = [U | B], V' = [V ; A]: U'V' = UV + BA exactly (rank r + c)."""
+    if a.shape[1] != v.shape[1] or b.shape[0] != u.shape[0] or a.shape[0] != b.shape[1]:
+        raise FactorlmError(
+            f"corrector shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit factors U {tuple(u.shape)}, V {tuple(v.shape)}"
+        )
+    return torch.cat([u, b], dim=1), torch.cat([v, a], dim=0)
+
+
+def gram_eigh(gram: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of an input Gram matrix with eigenvalues floored (EoRA clamps negatives)."""
+    evals, evecs = torch.linalg.eigh(gram.double())
+    floor = max(float(evals.max()) * rel_floor, 1e-12)
+    return evals.clamp_min(floor), evecs
+
+
+def eora_corrector(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` (A, B) for min ||(R - BA) X||_F given G = X Xᵀ (closed form).
+
+    With G = QΛQᵀ: SVD of R Q Λ^{1/2} = U Σ Vᵀ, B = U_c Σ_c^{1/2}, A = Σ_c^{1/2} V_cᵀ Λ^{-1/2} Qᵀ.
+    """
+    out_f, in_f = residual.shape
+    if not 0 < rank <= min(out_f, in_f):
+        raise FactorlmError(f"corrector rank {rank} out of range 1..{min(out_f, in_f)}")
+    lam, q = gram_eigh(gram)
+    root = lam.sqrt()
+    m = residual.double() @ q * root
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    sr = s[:rank].sqrt()
+    b = u[:, :rank] * sr
+    a = (sr[:, None] * vh[:rank]) / root @ q.T
+    return a.to(residual.dtype), b.to(residual.dtype)
+
+
+def residual_energy(residual: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of R G^{1/2}: the functional error each corrector direction can remove."""
+    lam, q = gram_eigh(gram)
+    return torch.linalg.svdvals(residual.double() @ q * lam.sqrt()) ** 2
+
+
+def corrector_ranks(energies: Mapping[str, torch.Tensor], output_energy: Mapping[str, float],
+                    costs: Mapping[str, int], budget: int, multiple: int = 8, max_rank: int = 64) -> dict[str, int]:
+    """Adaptive corrector ranks from the residual energy.
+
+    Spends ``budget`` parameters one rank step at a time where the step removes the most
+    residual energy relative to the layer's dense output energy ||W X||², per parameter.
+    ``energies[name]`` = residual_energy(...), ``costs[name]`` = out + in (params per rank).
+    """
+    ranks = {n: 0 for n in energies}
+    totals = {n: max(float(output_energy[n]), 1e-30) for n in energies}
+    spent = 0
+    while True:
+        best, best_gain = None, 0.0
+        for n, e in energies.items():
+            r = ranks[n]
+            step_cost = multiple * costs[n]
+            if r + multiple > min(max_rank, len(e)) or spent + step_cost > budget:
+                continue
+            gain = float(e[r:r + multiple].sum()) / totals[n] / step_cost
+            if gain > best_gain:
+                best, best_gain = n, gain
+        if best is None:
+            return ranks
+        ranks[best] += multiple
+        spent += multiple * costs[best]
+
+
+class CorrectedLinear(nn.Module):
+    """U(Vx) + B(Ax) + b while training; ``fold()`` returns the equivalent FactoredLinear."""
+
+    def __init__(self, base: FactoredLinear, a: torch.Tensor, b: torch.Tensor, train_base: bool = False):
+        super().__init__()
+        self.base = base
+        self.corr_a = nn.Parameter(a.detach().clone())
+        self.corr_b = nn.Parameter(b.detach().clone())
+        for p in base.parameters():
+            p.requires_grad_(train_base)
+
+    @property
+    def corrector_rank(self) -> int:
+        return self.corr_a.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.corr_a), self.corr_b)
+
+    def fold(self) -> FactoredLinear:
+        u, v = fold_corrector(self.base.weight_u.detach(), self.base.weight_v.detach(),
+                              self.corr_a.detach(), self.corr_b.detach())
+        bias = self.base.bias.detach() if self.base.bias is not None else None
+        return FactoredLinear.from_factors(u.contiguous(), v.contiguous(), bias)
+
+
+def train_layer(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int = 100, lr: float = 1e-3,
+                batch: int = 512, seed: int = 0) -> list[float]:
+    """Fit a layer's trainable parameters to reproduce ``targets`` from ``inputs`` (MSE); returns losses.
+
+    The functional residual of one layer: inputs are its calibration activations [N, in],
+    targets the dense layer's outputs [N, out]. Losses are relative (÷ mean square target).
+    """
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if not params:
+        raise FactorlmError("train_layer: the layer has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr)
+    scale = targets.pow(2).mean().clamp_min(1e-12)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, inputs.shape[0], (min(batch, inputs.shape[0]),), generator=gen)
+        loss = F.mse_loss(layer(inputs[idx]), targets[idx]) / scale
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def distill(student: nn.Module, batches: Iterable[torch.Tensor], teacher_logprobs: list[torch.Tensor],
+            params: list[nn.Parameter], steps: int, lr: float = 1e-4,
+            on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """End-to-end pass: minimise KL(teacher ‖ student) on the logits of calibration batches."""
+    batches = list(batches)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for step in range(steps):
+        i = step % len(batches)
+        logp = student(input_ids=batches[i]).logits.float().log_softmax(-1)
+        loss = F.kl_div(logp.flatten(0, 1), teacher_logprobs[i].flatten(0, 1), log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    return losses
