@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "factorlm.cli.sample_model",
     "factorlm.cli.compress",
     "factorlm.cli.generate",
+    "factorlm.cli.serve",
 ]
 
 

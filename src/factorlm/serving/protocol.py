@@ -1,0 +1,104 @@
+"""Request bodies of the OpenAI-compatible API, validated strictly.
+
+Wrong types, out-of-range values and unknown fields are rejected (HTTP 400 with the field
+named). Parameters that are part of the OpenAI API but that this server does not implement
+are accepted by the schema only so that :func:`unsupported` can reject them with a clear
+message instead of ignoring them silently.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # an end-user identifier; it does not change the output
+    # vendor extensions that benchmark clients send (vLLM names)
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    # OpenAI parameters this server does not implement: rejected unless they are no-ops
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+def unsupported(req: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """Name of the first parameter set to something this server cannot honour, or None."""
+    checks: dict[str, bool] = {
+        "presence_penalty": bool(req.presence_penalty),
+        "frequency_penalty": bool(req.frequency_penalty),
+        "repetition_penalty": req.repetition_penalty not in (None, 1.0),
+        "logit_bias": bool(req.logit_bias),
+    }
+    if isinstance(req, CompletionRequest):
+        checks.update(echo=bool(req.echo), suffix=req.suffix is not None,
+                      best_of=req.best_of is not None and req.best_of != (req.n or 1))
+    else:
+        checks.update(tools=bool(req.tools), tool_choice=req.tool_choice not in (None, "none"),
+                      parallel_tool_calls=bool(req.parallel_tool_calls),
+                      response_format=req.response_format is not None and req.response_format.get("type") != "text")
+    return next((name for name, bad in checks.items() if bad), None)

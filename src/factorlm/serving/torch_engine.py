@@ -1,0 +1,254 @@
+"""Torch engine: continuous batching of decode steps for any transformers causal LM.
+
+A worker thread owns the model. Each iteration it admits waiting requests (a batch-1
+prefill each, then their KV rows are padded into the running batch), runs one decode step
+for every running sequence at once, and removes finished or cancelled rows. Dense and
+factored checkpoints run alike: factored ones are ordinary models whose linears are
+FactoredLinear.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..runtime.format import FactorlmError
+from ..runtime.generate import eos_token_ids, find_stop, sample_next
+from . import batch_cache as bc
+from .engine import EngineDeadError, GenerationRequest, QueueFullError, RequestHandle, TokenEvent, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Seq:
+    """Worker-side state of one running request."""
+
+    handle: RequestHandle
+    generator: torch.Generator
+    stop_ids: set[int]
+    tokens: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+    cached: int = 0  # real tokens in this row's KV cache
+    pending: int = -1  # sampled token not yet fed to the model
+    emitted: int = 0  # characters of decoded text already sent
+    buffer_ids: list[int] = field(default_factory=list)
+    buffer_logprobs: list[TokenLogprob] = field(default_factory=list)
+    done: bool = False
+
+
+class TorchEngine:
+    """Continuous-batching engine over a transformers model (see module docstring)."""
+
+    supports_logprobs = True
+
+    def __init__(self, model: Any, tokenizer: Any, *, model_name: str = "model", max_batch: int = 16,
+                 max_queue: int = 64, max_model_len: int | None = None) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise FactorlmError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        limit = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.max_model_len = min(max_model_len, limit) if max_model_len else limit
+        self.device = next(model.parameters()).device
+        self._eos = eos_token_ids(model, tokenizer)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._running: list[_Seq] = []
+        self._admitting = 0  # popped from the queue, being prefilled
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._mask: torch.Tensor | None = None
+        self._cache: Any = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._dead = False
+
+    # ---- event-loop side -------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request (call from the event loop); QueueFullError when the queue is full."""
+        import asyncio
+
+        if not self.alive():
+            raise EngineDeadError("the engine worker is not running")
+        total = len(request.prompt_ids) + request.params.max_new_tokens
+        if not request.prompt_ids or total > self.max_model_len:
+            raise FactorlmError(f"prompt of {len(request.prompt_ids)} tokens plus {request.params.max_new_tokens} "
+                                f"new tokens does not fit the context of {self.max_model_len}")
+        handle = RequestHandle(request, asyncio.get_running_loop())
+        with self._cond:
+            free_slots = max(0, self.max_batch - len(self._running) - self._admitting)
+            if len(self._waiting) - free_slots >= self.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._running) + self._admitting, "waiting": len(self._waiting),
+                "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="factorlm-torch-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- worker side -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not self._stop and not self._waiting and not self._running:
+                            self._cond.wait()
+                        if self._stop:
+                            break
+                        admitted = []
+                        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                            admitted.append(self._waiting.popleft())
+                        self._admitting = len(admitted)
+                    try:
+                        for handle in admitted:
+                            if not handle.cancelled:
+                                self._admit(handle)
+                            self._admitting -= 1
+                        self._drop_finished()
+                        if self._running:
+                            self._step()
+                            self._drop_finished()
+                    except Exception as exc:  # a model failure fails the batch, not the server
+                        log.exception("engine step failed")
+                        self._fail_all(f"generation failed: {type(exc).__name__}: {exc}", admitted)
+                        self._admitting = 0
+        finally:
+            self._dead = True
+            self._fail_all("the engine stopped", list(self._waiting))
+
+    def _fail_all(self, message: str, extra: list[RequestHandle]) -> None:
+        for seq in self._running:
+            seq.handle.push(TokenEvent(error=message))
+        for handle in extra:
+            handle.push(TokenEvent(error=message))
+        self._running, self._layers, self._mask, self._cache = [], None, None, None
+
+    def _admit(self, handle: RequestHandle) -> None:
+        """Prefill one prompt alone, sample its first token and pad its KV rows into the batch."""
+        from transformers import DynamicCache
+
+        req = handle.request
+        seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
+        seq = _Seq(handle, torch.Generator(device=self.device).manual_seed(seed),
+                   set() if req.params.ignore_eos else self._eos | set(req.params.stop_token_ids or ()))
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        seq.cached = ids.shape[1]
+        self._accept(seq, logits[0])
+        if seq.done:
+            return
+        if self._cache is not None:
+            self._layers = bc.cache_tensors(self._cache)
+        mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device)
+        self._layers, self._mask = bc.merge(self._layers, self._mask, bc.cache_tensors(cache), mask)
+        self._cache = bc.build_cache(self._layers)
+        self._running.append(seq)
+
+    def _step(self) -> None:
+        """One decode step for every running sequence."""
+        assert self._mask is not None
+        ids = torch.tensor([[s.pending] for s in self._running], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.cached] for s in self._running], dtype=torch.long, device=self.device)
+        mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=torch.long, device=self.device)], 1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self._cache, use_cache=True)
+        self._mask = mask
+        logits = out.logits[:, -1]
+        for row, seq in enumerate(self._running):
+            seq.cached += 1
+            if not seq.handle.cancelled:
+                self._accept(seq, logits[row])
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if not s.done and not s.handle.cancelled]
+        if len(keep) == len(self._running):
+            return
+        for seq in self._running:
+            if seq.handle.cancelled and not seq.done:
+                seq.handle.push(TokenEvent(finish_reason="abort", prompt_tokens=len(seq.handle.request.prompt_ids),
+                                           completion_tokens=seq.completion_tokens))
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._layers, self._mask, self._cache = None, None, None
+            return
+        assert self._mask is not None
+        self._layers, self._mask = bc.select(bc.cache_tensors(self._cache), self._mask, keep)
+        self._cache = bc.build_cache(self._layers)
+
+    def _accept(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """Sample the next token of ``seq`` from its row logits [V]; emit text; decide whether it is done."""
+        req = seq.handle.request
+        params = req.params
+        token = int(sample_next(logits.unsqueeze(0), params, seq.generator)[0])
+        seq.completion_tokens += 1
+        seq.pending = token
+        seq.buffer_ids.append(token)
+        if req.logprobs is not None:
+            lp, best = bc.token_logprobs(logits, token, req.logprobs)
+            seq.buffer_logprobs.append(TokenLogprob(token, self._piece(token), lp,
+                                                    [(i, self._piece(i), v) for i, v in best]))
+        finish: str | None = None
+        stop_reason: str | int | None = None
+        hold = max((len(s) for s in params.stop), default=0)
+        if token in seq.stop_ids:
+            finish = "stop"
+            stop_reason = token if token not in self._eos else None
+        else:
+            seq.tokens.append(token)
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        end = len(text)
+        if finish is None:
+            cut = find_stop(text, params.stop)
+            if cut >= 0:
+                end = max(cut, seq.emitted)
+                finish = "stop"
+                stop_reason = next(s for s in params.stop if s and text.find(s) == cut)
+        if finish is None and (seq.completion_tokens >= params.max_new_tokens or seq.cached + 1 >= self.max_model_len):
+            finish = "length"
+        if finish is None:
+            if text.endswith("\ufffd"):
+                return  # an incomplete UTF-8 sequence: wait for the next token
+            end = max(len(text) - hold, seq.emitted)  # keep back what could still become a stop string
+            if end == seq.emitted:
+                return
+        self._emit(seq, text[seq.emitted:end], finish, stop_reason)
+        seq.emitted = end
+
+    def _emit(self, seq: _Seq, text: str, finish: str | None, stop_reason: str | int | None) -> None:
+        seq.handle.push(TokenEvent(text=text, token_ids=seq.buffer_ids, logprobs=seq.buffer_logprobs,
+                                   finish_reason=finish, stop_reason=stop_reason,
+                                   prompt_tokens=len(seq.handle.request.prompt_ids),
+                                   completion_tokens=seq.completion_tokens))
+        seq.buffer_ids, seq.buffer_logprobs = [], []
+        if finish is not None:
+            seq.done = True
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
