@@ -126,3 +126,23 @@ def test_factored_checkpoint_batches_like_it_decodes_alone(tmp_path):
     for prompt, (tokens, _, _) in zip(PROMPTS, batched):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         assert tokens == list(generate_tokens(model, ids, SamplingParams(max_new_tokens=12)))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_batched_greedy_equals_reference_other_archs(arch):
+    """gemma3_text has a 16-token sliding window: 30 new tokens cross it."""
+    from factorlm.testing import make_tiny_model
+
+    model, tokenizer = make_tiny_model(arch)
+    engine = TorchEngine(model, tokenizer, max_batch=4)
+    engine.start()
+    try:
+        async def run():
+            return await asyncio.gather(*[_collect(engine, _greedy(tokenizer, p, n=30)) for p in PROMPTS[:4]])
+
+        batched = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    for prompt, (tokens, _, _) in zip(PROMPTS, batched):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        assert tokens == list(generate_tokens(model, ids, SamplingParams(max_new_tokens=30)))
