@@ -198,3 +198,13 @@ def test_serve_cli_rejects_missing_engines(tmp_path, capsys):
     path = save_tiny_dense(tmp_path / "dense")
     code = main(["serve", str(path), "--engine", "onnx"])
     assert code == 2 and "onnx engine is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [{"top_p": 5e-324, "temperature": 1.0}, {"temperature": 5e-324},
+                                   {"temperature": 2.0, "top_k": 1}, {"top_p": 1e-9, "n": 3}])
+def test_extreme_but_valid_sampling_values_succeed(live, extra):
+    """Found by the schema fuzz: a top_p below float32 resolution once emptied the distribution (500)."""
+    url, _, _ = live
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "\x01\x00", "max_tokens": 4, **extra})
+    assert r.status_code == 200, r.text
+    assert all(c["finish_reason"] in ("length", "stop") for c in r.json()["choices"])

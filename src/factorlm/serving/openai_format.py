@@ -15,6 +15,9 @@ from .engine import GenerationRequest, TokenEvent, TokenLogprob
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 
+SAMPLING_EPS = 1e-5
+
+
 class APIError(Exception):
     """An error answered with OpenAI's error object."""
 
@@ -86,13 +89,16 @@ def engine_requests(req: CompletionRequest | ChatCompletionRequest, prompts: lis
                     logprobs: int | None) -> list[GenerationRequest]:
     """One engine request per (prompt, choice), choice-major within each prompt."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if temperature < SAMPLING_EPS:  # as in vLLM: a vanishing temperature is greedy decoding
+        temperature = 0.0
     n = req.n or 1
     out = []
     for ids, new in zip(prompts, max_tokens):
         for i in range(n):
             seed = None if req.seed is None else req.seed + i
             params = SamplingParams(
-                max_new_tokens=new, temperature=1.0 if req.temperature is None else req.temperature,
+                max_new_tokens=new, temperature=temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0), seed=seed, stop=stop,
                 stop_token_ids=req.stop_token_ids, ignore_eos=bool(req.ignore_eos))
             out.append(GenerationRequest(ids, params, logprobs))

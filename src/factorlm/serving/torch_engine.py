@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..runtime.format import FactorlmError
-from ..runtime.generate import eos_token_ids, find_stop, sample_next
+from ..runtime.generate import SamplingParams, eos_token_ids, filter_logits, find_stop
 from . import batch_cache as bc
 from .engine import EngineDeadError, GenerationRequest, QueueFullError, RequestHandle, TokenEvent, TokenLogprob
 
@@ -41,6 +41,22 @@ class _Seq:
     buffer_ids: list[int] = field(default_factory=list)
     buffer_logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Next token from row logits [V]: greedy at temperature 0, else top-k/top-p sampling.
+
+    The most likely token always stays in the candidate set, so that a top_p below the
+    largest probability (or below float32 resolution) means "the top token", never an
+    empty distribution.
+    """
+    if params.temperature == 0:
+        return int(logits.argmax())
+    scaled = logits.float() / params.temperature
+    best = int(scaled.argmax())
+    kept = filter_logits(scaled.unsqueeze(0), params.top_k, params.top_p)[0]
+    kept[best] = scaled[best]
+    return int(torch.multinomial(kept.softmax(-1), 1, generator=generator))
 
 
 class TorchEngine:
@@ -206,7 +222,13 @@ class TorchEngine:
         """Sample the next token of ``seq`` from its row logits [V]; emit text; decide whether it is done."""
         req = seq.handle.request
         params = req.params
-        token = int(sample_next(logits.unsqueeze(0), params, seq.generator)[0])
+        try:
+            token = sample_token(logits, params, seq.generator)
+        except RuntimeError as exc:  # fail this request only; the rest of the batch goes on
+            log.exception("sampling failed for request %d", seq.handle.id)
+            seq.handle.push(TokenEvent(error=f"sampling failed: {exc}"))
+            seq.done = True
+            return
         seq.completion_tokens += 1
         seq.pending = token
         seq.buffer_ids.append(token)
