@@ -1,8 +1,9 @@
 """Property-based fuzz of the server's OpenAPI schema (schemathesis + hypothesis), bounded.
 
 Every operation of /openapi.json is fuzzed with schema-valid (positive) and schema-violating
-(negative) inputs against a live server over a tiny in-code model on 127.0.0.1. Half of the
-valid bodies get the served model name, so that generation paths run too. The run fails if
+(negative) inputs against a live server over a tiny in-code model on 127.0.0.1. Two thirds of the
+bodies get the served model name, and a third also lose the parameters the server rejects
+by design (penalties, tools, ...), so that generation paths run too. The run fails if
 any response is a 5xx. Results: JSON + Markdown under benchmarks/results/.
 
     python benchmarks/fuzz_server.py --examples 200
@@ -20,6 +21,25 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "tiny"
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "echo", "suffix",
+               "best_of", "tools", "tool_choice", "response_format", "parallel_tool_calls")
+
+
+def adjust(body: dict[str, Any], how: str) -> None:
+    """'model': use the served model name; 'clean': also drop parameters the server rejects by design."""
+    if how == "raw" or "model" not in body:
+        return
+    body["model"] = MODEL
+    if how == "clean":
+        for key in UNSUPPORTED:
+            body.pop(key, None)
+        if not body.get("stream"):
+            body.pop("stream_options", None)
+        if "top_logprobs" in body and not body.get("logprobs"):
+            body.pop("top_logprobs")
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
+                body[key] = min(body[key], 16)
 
 
 def fuzz(url: str, examples: int, seed: int) -> dict[str, Any]:
@@ -32,6 +52,7 @@ def fuzz(url: str, examples: int, seed: int) -> dict[str, Any]:
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     statuses: collections.Counter[str] = collections.Counter()
     failures: list[dict[str, Any]] = []
+    reasons: collections.Counter[str] = collections.Counter()
     ran: dict[str, int] = {}
     for result in schema.get_all_operations():
         op = result.ok()
@@ -47,14 +68,20 @@ def fuzz(url: str, examples: int, seed: int) -> dict[str, Any]:
 
             @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
                       suppress_health_check=list(HealthCheck), phases=[hypothesis.Phase.generate])
-            @given(case=strategy, use_model=st.booleans())
+            @given(case=strategy, how=st.sampled_from(["raw", "model", "clean"]))
             @hypothesis.seed(seed)
-            def check(case: Any, use_model: bool) -> None:
-                if use_model and isinstance(case.body, dict) and "model" in case.body:
-                    case.body["model"] = MODEL
+            def check(case: Any, how: str) -> None:
+                if isinstance(case.body, dict):
+                    adjust(case.body, how)
                 response = case.call(base_url=url, timeout=120)
                 count["n"] += 1
                 statuses[f"{key} -> {response.status_code}"] += 1
+                if 400 <= response.status_code < 500 and mode == GenerationMode.POSITIVE and how == "clean":
+                    try:
+                        message = str(response.json()["error"]["message"])
+                    except Exception:
+                        message = response.text
+                    reasons[message.split(":")[0][:60]] += 1
                 if response.status_code >= 500:
                     failures.append({"operation": key, "status": response.status_code,
                                      "body": case.body if isinstance(case.body, (dict, list, str)) else repr(case.body),
@@ -67,7 +94,8 @@ def fuzz(url: str, examples: int, seed: int) -> dict[str, Any]:
             ran[key] = count["n"]
             print(f"{key}: {count['n']} requests", file=sys.stderr)
     return {"requests_per_operation": ran, "statuses": dict(sorted(statuses.items())),
-            "total_requests": sum(ran.values()), "count_5xx": len(failures), "failures_5xx": failures[:20]}
+            "total_requests": sum(ran.values()),
+            "clean_positive_4xx_reasons": dict(reasons.most_common(15)), "count_5xx": len(failures), "failures_5xx": failures[:20]}
 
 
 def metrics_errors(url: str) -> float:

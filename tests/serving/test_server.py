@@ -208,3 +208,10 @@ def test_extreme_but_valid_sampling_values_succeed(live, extra):
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "\x01\x00", "max_tokens": 4, **extra})
     assert r.status_code == 200, r.text
     assert all(c["finish_reason"] in ("length", "stop") for c in r.json()["choices"])
+
+
+def test_omitted_max_tokens_is_capped_by_the_server_limit(live):
+    url, _, _ = live
+    r = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 200 and r.choices[0].finish_reason == "length"  # max_tokens_limit=200

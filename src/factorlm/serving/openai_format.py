@@ -77,6 +77,8 @@ def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: i
         raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, your request "
                        f"has {prompt_len} input tokens, which leaves no room for output.", "input_tokens")
     value = requested if requested is not None else (default if default is not None else room)
+    if requested is None and limit is not None:
+        value = min(value, limit)  # an omitted max_tokens means "as much as allowed"
     if limit is not None and value > limit:
         raise APIError(400, f"{param} must be <= {limit} on this server, got {value}", param)
     if requested is not None and prompt_len + value > max_model_len:
