@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "factorlm.cli.compress",
     "factorlm.cli.generate",
     "factorlm.cli.serve",
+    "factorlm.cli.export",
 ]
 
 

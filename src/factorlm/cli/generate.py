@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-ENGINES = ("torch",)
+ENGINES = ("torch", "onnx")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--engine", choices=ENGINES, default="torch")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch: model folder; onnx: a folder written by 'factorlm export onnx'")
+    p.add_argument("--onnx-device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu sees a GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=run)
 
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     path = resolve_model_path(args.model)
+    if args.engine == "onnx":
+        return _run_onnx(args, path, params)
     started = time.perf_counter()
     model = load_model(path)
     tokenizer = load_tokenizer(path)
@@ -50,6 +55,30 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     print(
         f"[{stats.prompt_tokens} prompt + {stats.new_tokens} new tokens; load {load_s:.1f}s, "
+        f"TTFT {stats.ttft_s * 1000:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tok/s; "
+        f"finish: {stats.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _run_onnx(args: argparse.Namespace, path, params) -> int:
+    """The same streaming loop on an exported ONNX folder (factorlm.exporters.onnx)."""
+    from ..exporters.onnx import load_onnx_engine
+    from ..runtime.generate import GenerationStats, encode_prompt
+
+    started = time.perf_counter()
+    engine = load_onnx_engine(path, threads=args.threads, device=args.onnx_device)
+    tokenizer = engine.tokenizer
+    load_s = time.perf_counter() - started
+    input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
+    stats = GenerationStats()
+    for piece in engine.stream_text(tokenizer, input_ids, params, stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(
+        f"[onnx {engine.device}: {stats.prompt_tokens} prompt + {stats.new_tokens} new tokens; load {load_s:.1f}s, "
         f"TTFT {stats.ttft_s * 1000:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tok/s; "
         f"finish: {stats.finish_reason}]",
         file=sys.stderr,

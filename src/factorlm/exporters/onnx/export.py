@@ -1,0 +1,180 @@
+"""``export_onnx``: a dense or factored checkpoint -> a validated ONNX decoder folder.
+
+Route: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), the default exporter
+since torch 2.9. It traces ``FactoredLinear`` as two MatMuls with no patching, gives clean
+symbolic dims (batch, seq, past, past + seq) and needs far less memory than the deprecated
+TorchScript tracer, which also freezes Python branches of transformers' masking code at
+trace time. optimum-onnx is not an option: it pins transformers < 4.58.
+
+The folder is built in a temporary sibling directory, validated against PyTorch, and only
+then renamed into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...runtime.format import FactorlmError, read_factored_config
+from .graph import CacheShape, FlatDecoder, dynamic_shapes, example_inputs, input_names, output_names
+from .metadata import METADATA_FILE, build_metadata, genai_config, write_json
+from .validate import validate_graph, worst_as_dict
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_OPSETS = range(18, 24)
+DEFAULT_OPSET = 20
+DTYPES = ("fp32", "fp16")
+MODEL_FILE = "model.onnx"
+# protobuf caps a single file at 2 GiB; above this many weight bytes write external data
+EXTERNAL_DATA_BYTES = 1 << 30
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data")
+
+
+def check_options(out_dir: Path, opset: int, dtype: str, overwrite: bool) -> None:
+    """Reject bad options before any work, naming the problem."""
+    if opset not in SUPPORTED_OPSETS:
+        raise FactorlmError(f"unsupported opset {opset}: the dynamo exporter supports "
+                            f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    if dtype not in DTYPES:
+        raise FactorlmError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if out_dir.exists() and not overwrite:
+        raise FactorlmError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+
+
+def check_request(model_dir: Path, out_dir: Path, opset: int, dtype: str, overwrite: bool) -> None:
+    """Options plus the model folder itself."""
+    check_options(out_dir, opset, dtype, overwrite)
+    if not model_dir.is_dir():
+        raise FactorlmError(f"{model_dir}: checkpoint folder not found")
+    if not (model_dir / "config.json").is_file():
+        raise FactorlmError(f"{model_dir / 'config.json'}: missing; not a model folder")
+
+
+def _load(model_dir: Path) -> torch.nn.Module:
+    from ...runtime.checkpoint import load_model
+
+    # contiguous weights: the column-major CPU layout is a runtime detail, not part of the graph
+    return load_model(model_dir, fast_layout=False).float().eval()
+
+
+def trace_to_onnx(model: torch.nn.Module, path: Path, opset: int, external_data: bool) -> None:
+    """Export the flat decoder of ``model`` to ``path`` (and ``path.data`` with external data)."""
+    shape = CacheShape.from_config(model.config)
+    dtype = next(model.parameters()).dtype
+    program = torch.onnx.export(
+        FlatDecoder(model).eval(), example_inputs(shape, model.config.vocab_size, dtype),
+        input_names=input_names(shape), output_names=output_names(shape), dynamic_shapes=dynamic_shapes(shape),
+        opset_version=opset, dynamo=True, optimize=True, verbose=False)
+    program.save(str(path), external_data=external_data)
+
+
+def to_fp16(path: Path, external_data: bool) -> None:
+    """Convert weights, activations and the KV cache IO to fp16 in place (ORT's converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
+    _save_onnx(model, path, external_data)
+
+
+def quantize_int8(path: Path, external_data: bool) -> None:
+    """Dynamic int8 quantization of every MatMul weight (the factors, dense layers and LM head)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name("model.int8.onnx")
+    quantize_dynamic(str(path), str(quantized), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     use_external_data_format=external_data)
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    import onnx
+
+    _save_onnx(onnx.load(str(quantized)), path, external_data)
+    for f in path.parent.glob("model.int8.onnx*"):
+        f.unlink()
+
+
+def _save_onnx(model: Any, path: Path, external_data: bool) -> None:
+    import onnx
+
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    if external_data:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))
+
+
+def make_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
+    """Tokenizer, chat template, config and generation config beside the graph."""
+    copied = []
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and not f.name.endswith(_SKIP_SUFFIXES) and not f.name.startswith("."):
+            shutil.copy2(f, out_dir / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                dtype: str = "fp32", int8: bool = False, validate: bool = True, overwrite: bool = False,
+                external_data: bool | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Export, validate and atomically write the ONNX folder; return its metadata dict."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_request(model_dir, out_dir, opset, dtype, overwrite)
+    started = time.perf_counter()
+    model = _load(model_dir)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if external_data is None:
+        external_data = weight_bytes > EXTERNAL_DATA_BYTES
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        path = tmp / MODEL_FILE
+        log.info("exporting %s (opset %d, %s%s)", model_dir, opset, dtype, ", int8" if int8 else "")
+        trace_to_onnx(model, path, opset, external_data)
+        if dtype == "fp16":
+            to_fp16(path, external_data)
+        if int8:
+            quantize_int8(path, external_data)
+        export_s = time.perf_counter() - started
+        report = None
+        if validate:
+            session = make_session(path, threads)
+            worst = validate_graph(session, model, "int8" if int8 else dtype)
+            report = worst_as_dict(worst)
+            del session
+        block = read_factored_config(model_dir)
+        meta = build_metadata(model.config, dtype=dtype, int8=int8, opset=opset, source=model_dir.name,
+                              ranks=block.ranks if block else None, external_data=external_data,
+                              validation=report, export_s=export_s)
+        copy_side_files(model_dir, tmp)
+        write_json(tmp / METADATA_FILE, meta)
+        write_json(tmp / "genai_config.json", genai_config(model.config, dtype))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta["graph_bytes"] = sum(f.stat().st_size for f in out_dir.glob(MODEL_FILE + "*"))
+    log.info("wrote %s in %.1f s (%.1f MB graph)", out_dir, time.perf_counter() - started, meta["graph_bytes"] / 1e6)
+    return meta
