@@ -215,3 +215,15 @@ def test_omitted_max_tokens_is_capped_by_the_server_limit(live):
     r = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                             temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 200 and r.choices[0].finish_reason == "length"  # max_tokens_limit=200
+
+
+def test_disconnect_during_non_streamed_request_frees_the_slot(live, slow_model):
+    url, engine, _ = live
+    body = {"model": MODEL, "prompt": "Paris is", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+    closed = time.monotonic()
+    while engine.stats()["running"] and time.monotonic() < closed + 10:
+        time.sleep(0.01)
+    assert engine.stats()["running"] == 0
+    assert time.monotonic() - closed < 1.0  # long before the 200 tokens (>= 2 s) could finish
