@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_onnx", "OnnxGenerator", "load_onnx_engine"]
+__all__ = ["export_onnx", "OnnxGenerator", "load_onnx_engine", "create_engine", "OrtCausalLM"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from . import generator
 
         return getattr(generator, name)
+    if name in ("create_engine", "OrtCausalLM"):
+        from . import serving
+
+        return getattr(serving, name)
     raise AttributeError(name)
