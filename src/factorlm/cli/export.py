@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--opset", type=int, default=20, help="ONNX opset (18-23, default 20)")
     o.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="graph dtype; fp16 is meant for GPU execution providers")
-    o.add_argument("--int8", action="store_true", help="dynamic int8 quantization of MatMul weights (factors included)")
+    o.add_argument("--int8", action="store_true",
+                   help="int8 weights (blockwise, MatMulNBits) for every MatMul, factors included")
     o.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch logit check")
     o.add_argument("--external-data", action="store_true", default=None,
                    help="store weights in model.onnx.data (automatic above 1 GiB of weights)")

@@ -12,7 +12,6 @@ then renamed into place, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -59,6 +58,12 @@ def check_request(model_dir: Path, out_dir: Path, opset: int, dtype: str, overwr
         raise FactorlmError(f"{model_dir / 'config.json'}: missing; not a model folder")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _load(model_dir: Path) -> torch.nn.Module:
     from ...runtime.checkpoint import load_model
 
@@ -86,20 +91,23 @@ def to_fp16(path: Path, external_data: bool) -> None:
     _save_onnx(model, path, external_data)
 
 
-def quantize_int8(path: Path, external_data: bool) -> None:
-    """Dynamic int8 quantization of every MatMul weight (the factors, dense layers and LM head)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_int8(path: Path, external_data: bool, block_size: int = 32) -> None:
+    """Weight-only int8 of every constant-weight MatMul (the factors, dense layers, LM head).
 
-    quantized = path.with_name("model.int8.onnx")
-    quantize_dynamic(str(path), str(quantized), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                     use_external_data_format=external_data)
-    for f in path.parent.glob(path.name + "*"):
-        f.unlink()
+    ONNX Runtime's MatMulNBits with 8 bits and symmetric blocks of ``block_size`` along the
+    inner dimension, accuracy_level 4 (activations quantized to int8 per block at run time).
+    ``quantize_dynamic`` (per-tensor MatMulInteger) was tried first and rejected: on the dense
+    sample model, even with the LM head left in fp32, it changed the argmax at 28 of the 64
+    positions of a WikiText prompt, against 1 of 64 for this scheme.
+    """
     import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    _save_onnx(onnx.load(str(quantized)), path, external_data)
-    for f in path.parent.glob("model.int8.onnx*"):
-        f.unlink()
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    _save_onnx(quantizer.model.model, path, external_data)
 
 
 def _save_onnx(model: Any, path: Path, external_data: bool) -> None:
@@ -147,6 +155,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
         external_data = weight_bytes > EXTERNAL_DATA_BYTES
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
     try:
         path = tmp / MODEL_FILE
         log.info("exporting %s (opset %d, %s%s)", model_dir, opset, dtype, ", int8" if int8 else "")
