@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "factorlm.cli.generate",
     "factorlm.cli.serve",
     "factorlm.cli.export",
+    "factorlm.cli.eval",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Quality evaluation of dense and factored models (perplexity)."""
