@@ -60,7 +60,11 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
         raise FactorlmError(f"layer {name!r}: weight contains NaN or Inf")
 
 
-def compress_model_svd(model: nn.Module, recipe: CompressionRecipe, progress: bool = True) -> dict[str, Any]:
+METHODS = ("svd", "asvd", "svd-llm")
+
+
+def compress_model_svd(model: nn.Module, recipe: CompressionRecipe, progress: bool = True,
+                       calib: torch.Tensor | None = None) -> dict[str, Any]:
     """Plain truncated SVD of every block linear under a uniform keep ratio, in place.
 
     Returns the report (per-layer rows and totals).
@@ -69,6 +73,12 @@ def compress_model_svd(model: nn.Module, recipe: CompressionRecipe, progress: bo
     shapes: dict[str, LayerShape] = shapes_of(linears)
     plan = uniform_ranks(shapes, recipe.keep, recipe.rank_multiple, recipe.min_rank)
     params_before = count_params(model)
+    stats = None
+    if recipe.method != "svd":
+        from .calibrated import collect_input_stats
+        if calib is None:
+            raise FactorlmError(f"method {recipe.method!r} needs calibration data (--calib FILE)")
+        stats = collect_input_stats(model, {n: linears[n] for n, r in plan.items() if r is not None}, calib)
     rows: list[dict[str, Any]] = []
     for name in tqdm(plan, desc="factorizing", unit="layer", disable=not progress):
         module = linears[name]
@@ -80,7 +90,13 @@ def compress_model_svd(model: nn.Module, recipe: CompressionRecipe, progress: bo
         if rank is None:
             row.update(rank=None, dense=True, params_after=shapes[name].dense_params, rel_weight_error=0.0)
         else:
-            layer = FactoredLinear.from_linear(module, rank)
+            if stats is None:
+                layer = FactoredLinear.from_linear(module, rank)
+            else:
+                from .calibrated import factorize_with_stats
+                u, v, extra = factorize_with_stats(recipe.method, module.weight, stats[name], rank)
+                layer = FactoredLinear.from_factors(u.to(module.weight.dtype), v.to(module.weight.dtype), module.bias)
+                row.update(extra)
             row.update(rank=rank, dense=False, params_after=shapes[name].factored_params(rank),
                        rel_weight_error=relative_error(module.weight, layer))
             parent, _, child = name.rpartition(".")
@@ -110,12 +126,20 @@ def compress_checkpoint(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass --overwrite to replace it")
-    if recipe.method != "svd":
-        raise FactorlmError(f"unknown method {recipe.method!r}; available: svd")
+    if recipe.method not in METHODS:
+        raise FactorlmError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
     started = time.perf_counter()
     model = load_model(model_path)
     tokenizer = load_tokenizer(model_path)
-    report = compress_model_svd(model, recipe, progress=progress)
+    calib = None
+    if recipe.method != "svd":
+        from .calibrated import calibration_ids
+        ex = recipe.extra
+        if not ex.get("calib"):
+            raise FactorlmError(f"method {recipe.method!r} needs calibration data (--calib FILE)")
+        calib = calibration_ids(tokenizer, ex["calib"], int(ex.get("calib_samples", 32)),
+                                int(ex.get("calib_len", 512)), int(ex.get("seed", 0)))
+    report = compress_model_svd(model, recipe, progress=progress, calib=calib)
     report["totals"]["wall_time_s"] = round(time.perf_counter() - started, 2)
     dense = [row["module"] for row in report["layers"] if row["dense"]]
     path = save_factored(
