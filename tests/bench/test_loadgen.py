@@ -49,3 +49,23 @@ def test_loadgen_records_http_failures():
     res = asyncio.run(run_load("http://test", "m", ["x"] * 3,
                                transport=httpx.ASGITransport(app=app)))
     assert res["completed"] == 0 and res["failed"] == 3
+
+
+def test_loadgen_against_tiny_model_server():
+    import torch
+
+    from factorlm.serving.app import create_app
+    from factorlm.serving.server import BackgroundServer
+    from factorlm.serving.torch_engine import TorchEngine
+    from factorlm.testing import make_tiny_model
+
+    torch.set_num_threads(1)
+    model, tokenizer = make_tiny_model("llama")
+    engine = TorchEngine(model, tokenizer, model_name="tiny", max_batch=4, max_queue=16)
+    with BackgroundServer(create_app(engine, max_tokens_limit=64)) as url:
+        res = asyncio.run(run_load(url, "tiny", ["hello world", "the cat"] * 2, max_tokens=6,
+                                   concurrency=2, slo_ms={"e2el": 60_000.0}))
+    assert res["completed"] == 4 and res["failed"] == 0
+    assert 0 < res["total_output_tokens"] <= 24
+    assert res["mean_ttft_ms"] > 0
+    assert res["request_goodput"] == res["request_throughput"]
