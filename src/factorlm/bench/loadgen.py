@@ -83,6 +83,7 @@ async def run_load(base_url: str, model: str, prompts: list[str], *, max_tokens:
         timings = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     result = summarize_requests(list(timings), duration, slo_ms=slo_ms)
-    result.update({"max_concurrency": concurrency, "request_rate": request_rate,
+    result.update({"max_concurrency": concurrency,
+                   "request_rate": "inf" if request_rate == float("inf") else request_rate,
                    "num_prompts": len(prompts), "model_id": model})
     return result
