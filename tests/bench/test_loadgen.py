@@ -69,3 +69,18 @@ def test_loadgen_against_tiny_model_server():
     assert 0 < res["total_output_tokens"] <= 24
     assert res["mean_ttft_ms"] > 0
     assert res["request_goodput"] == res["request_throughput"]
+
+
+def test_cli_bench_serving_prints_json_line(capsys):
+    import json as _json
+
+    from factorlm.cli import main
+    from factorlm.serving.server import BackgroundServer
+
+    with BackgroundServer(_fake_app(3)) as url:
+        assert main(["bench", "serving", "--url", url, "--model", "m", "--num-prompts", "2",
+                     "--concurrency", "1", "2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    rows = _json.loads(last)["results"]
+    assert [r["max_concurrency"] for r in rows] == [1, 2]
+    assert all(r["completed"] == 2 and r["total_output_tokens"] == 6 for r in rows)

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "factorlm.cli.serve",
     "factorlm.cli.export",
     "factorlm.cli.eval",
+    "factorlm.cli.bench",
 ]
 
 
