@@ -40,6 +40,9 @@ def test_top_k_and_top_p_filtering():
     assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
     # softmax([4,3,2,1]) = [.64, .24, .09, .03]: top_p .8 keeps the first two
     assert torch.isinf(filter_logits(logits, 0, 0.8)).tolist() == [[False, False, True, True]]
+    # a top_p below float32 resolution still keeps the most likely token, whatever its position
+    peaked = torch.tensor([[0.0, 200.0, 0.0]])
+    assert torch.isinf(filter_logits(peaked, 0, 1e-300)).tolist() == [[True, False, True]]
 
 
 def test_eos_stops_generation():

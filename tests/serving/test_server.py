@@ -191,13 +191,15 @@ def test_api_key_and_queue_full(tiny, slow_model):
         assert metric(url, "factorlm:request_errors_total", status="401") == 2
 
 
-def test_serve_cli_rejects_missing_engines(tmp_path, capsys):
+def test_serve_cli_onnx_engine_rejects_a_torch_folder(tmp_path, capsys):
+    """--engine onnx on a safetensors folder names the missing ONNX metadata, exit code 2."""
     from factorlm.cli import main
     from factorlm.testing import save_tiny_dense
 
     path = save_tiny_dense(tmp_path / "dense")
     code = main(["serve", str(path), "--engine", "onnx"])
-    assert code == 2 and "onnx engine is not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "factorlm_onnx.json" in err and "factorlm export onnx" in err
 
 
 @pytest.mark.parametrize("extra", [{"top_p": 5e-324, "temperature": 1.0}, {"temperature": 5e-324},

@@ -50,6 +50,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        remove[..., 0] = False  # the most likely token always survives, even for a tiny top_p
         remove_orig = torch.zeros_like(remove).scatter(-1, order, remove)
         logits = logits.masked_fill(remove_orig, float("-inf"))
     return logits
