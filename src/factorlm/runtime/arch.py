@@ -17,14 +17,16 @@ from .format import FactorlmError
 class ArchSpec:
     """Layout of a decoder-only family as transformers implements it.
 
-    ``attention`` / ``mlp`` name the sublayer attribute of a decoder block and its
-    projections in execution order; ``fused`` says which projections vLLM fuses into one
+    ``final_norm_path`` is the norm between the last block and the LM head (the compressor
+    maps teacher hidden states to logits through it). ``attention`` / ``mlp`` name the
+    sublayer attribute of a decoder block and its projections in execution order; ``fused`` says which projections vLLM fuses into one
     layer (its name -> the HF pieces), which the vLLM plugin needs to place factors.
     """
 
     name: str
     model_types: tuple[str, ...]
     layers_path: str = "model.layers"
+    final_norm_path: str = "model.norm"
     attention: tuple[str, tuple[str, ...]] = ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
     mlp: tuple[str, tuple[str, ...]] = ("mlp", ("gate_proj", "up_proj", "down_proj"))
     fused: dict[str, tuple[str, ...]] = field(
