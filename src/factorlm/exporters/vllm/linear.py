@@ -1,0 +1,137 @@
+"""The vLLM linear method of factored layers: weight_u / weight_v (and dense) buffers, two GEMMs.
+
+``create_weights`` allocates one rank's buffers as ``plan.py`` lays them out and attaches
+weight loaders that place each checkpoint tensor (``<piece>.weight_u``, ``.weight_v`` or a
+dense ``.weight``; ``loaded_shard_id`` "q"/"k"/"v" or 0/1 for fused layers) into its slot,
+taking this rank's tensor-parallel share. ``apply`` computes z = x Vᵀ once for all
+factored pieces of the layer, then y_i = z_i U_iᵀ per factored piece and x W_iᵀ per dense
+piece, concatenated on the output dim; the layer adds its all-reduce/gather as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.nn import Parameter
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.utils import set_weight_attrs
+
+from ...runtime.format import FormatError
+from .plan import LayerPlan, PartShard, PartSpec, bind, load_piece, local_forward, make_plan
+
+logger = logging.getLogger(__name__)
+
+_QKV_SHARD_IDS = {"q": 0, "k": 1, "v": 2}
+
+
+def _layer_parallel(layer: torch.nn.Module) -> tuple[str, int, int]:
+    """("row"|"column", tp_rank, tp_size) of a vLLM linear layer (replicated: rank 0 of 1)."""
+    tp_rank, tp_size = int(getattr(layer, "tp_rank", 0)), int(getattr(layer, "tp_size", 1))
+    if isinstance(layer, RowParallelLinear):
+        return "row", tp_rank, tp_size
+    if isinstance(layer, ColumnParallelLinear):
+        return "column", tp_rank, tp_size
+    return "column", 0, 1
+
+
+class FactoredLinearMethod(LinearMethodBase):
+    """Linear method of a layer whose pieces are factored (U·V) or dense, each with its own rank.
+
+    ``names`` are the checkpoint (HF) module names of the layer's pieces in output order
+    (q, k, v for qkv_proj; gate, up for gate_up_proj; one name otherwise); ``ranks`` the
+    matching ranks, None for a dense piece.
+    """
+
+    def __init__(self, names: Sequence[str], ranks: Sequence[int | None]) -> None:
+        if len(names) != len(ranks):
+            raise FormatError(f"{list(names)}: {len(ranks)} ranks for {len(names)} pieces")
+        self.names = list(names)
+        self.ranks = list(ranks)
+
+    # ------------------------------------------------------------------ weights
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+        extra_weight_attrs.pop("weight_loader", None)  # vLLM's loaders cannot stack per-piece ranks
+        parallel, tp_rank, tp_size = _layer_parallel(layer)
+        if len(output_partition_sizes) != len(self.names):
+            raise FormatError(
+                f"{layer.prefix}: vLLM builds {len(output_partition_sizes)} output pieces but the checkpoint "
+                f"names {len(self.names)} ({self.names})"
+            )
+        replicas = int(getattr(layer, "num_kv_head_replicas", 1)) if isinstance(layer, QKVParallelLinear) else 1
+        specs = []
+        for index, (name, rank, local) in enumerate(zip(self.names, self.ranks, output_partition_sizes)):
+            part_replicas = replicas if index > 0 else 1  # q is never replicated; k, v may be
+            groups = tp_size // part_replicas if parallel == "column" else 1
+            specs.append(PartSpec(name, local * groups, rank, part_replicas))
+        plan = make_plan(specs, input_size, parallel, tp_rank, tp_size)
+        if plan.in_local != input_size_per_partition or [p.out_local for p in plan.parts] != list(output_partition_sizes):
+            raise FormatError(f"{layer.prefix}: factor plan disagrees with vLLM's partition sizes")
+        layer.factorlm_plan = plan
+        layer.factorlm_shard_ids = self._shard_ids(layer)
+
+        def add(name: str, shape: tuple[int, ...]) -> None:
+            param = Parameter(torch.empty(shape, dtype=params_dtype), requires_grad=False)
+            layer.register_parameter(name, param)
+            set_weight_attrs(param, {"weight_loader": self._loader(layer, name)})
+            set_weight_attrs(param, extra_weight_attrs)
+
+        if plan.factored_parts:
+            add("weight_v", (plan.total_rank, plan.in_local))
+            add("weight_u", (plan.u_numel,))
+        if plan.dense_rows:
+            add("weight", (plan.dense_rows, plan.in_local))
+        else:
+            # vLLM's LoRA wrapper finds the layer's device through `weight`, `qweight`, ...;
+            # a plain tensor attribute (not a Parameter, so the loader does not expect it).
+            layer.qweight = layer.weight_v.data
+
+    def _shard_ids(self, layer: torch.nn.Module) -> dict[Any, int]:
+        if len(self.names) == 1:
+            return {None: 0}
+        if isinstance(layer, QKVParallelLinear):
+            return dict(_QKV_SHARD_IDS)
+        return {index: index for index in range(len(self.names))}
+
+    def _loader(self, layer: torch.nn.Module, kind: str):
+        plan: LayerPlan = layer.factorlm_plan
+        shard_ids: dict[Any, int] = layer.factorlm_shard_ids
+
+        def weight_loader(param: Parameter, loaded_weight: torch.Tensor, loaded_shard_id: Any = None) -> None:
+            if len(plan.parts) == 1 and loaded_shard_id in (None, 0):
+                index = 0
+            elif loaded_shard_id in shard_ids and loaded_shard_id is not None:
+                index = shard_ids[loaded_shard_id]
+            else:
+                raise FormatError(
+                    f"{layer.prefix}.{kind}: cannot place a tensor with shard id {loaded_shard_id!r}; factored "
+                    f"checkpoints store each piece ({', '.join(self.names)}) separately, not fused on disk"
+                )
+            part: PartShard = plan.parts[index]
+            load_piece(plan, part, kind, loaded_weight.to(param.dtype), param.data)
+
+        return weight_loader
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Bind per-piece views once (plain attributes, so the loader never expects them)."""
+        layer.factorlm_bound = bind(layer.factorlm_plan, getattr(layer, "weight_u", None),
+                                    getattr(layer, "weight_v", None), getattr(layer, "weight", None))
+
+    # ------------------------------------------------------------------ forward
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        bound = getattr(layer, "factorlm_bound", None)
+        if bound is None:  # weights were re-materialised or loading was skipped
+            self.process_weights_after_loading(layer)
+            bound = layer.factorlm_bound
+        return local_forward(x, getattr(layer, "weight_v", None), bound, bias)
