@@ -6,32 +6,63 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..compressor.allocation import ALLOCATORS
+    from ..compressor.methods import METHODS
+
     p = subparsers.add_parser("compress", help="factorize a model's linear layers into a factored checkpoint")
     p.add_argument("model", help="dense model folder, or 'sample' for the built-in sample model")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--method", default="svd", help="factorization method: svd, asvd, svd-llm (default: svd)")
-    p.add_argument("--keep", type=float, default=0.6, help="fraction of linear-layer parameters kept (default 0.6)")
+    p.add_argument("--method", default="svd", choices=list(METHODS),
+                   help="factorization method (default: svd; saes/svd-llm/asvd calibrate block by block)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float, default=None,
+                        help="fraction of linear-layer parameters kept (default 0.6)")
+    budget.add_argument("--reduction", type=float, default=None,
+                        help="fraction of whole-model parameters removed, embeddings included")
+    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATORS),
+                   help="rank allocation across layers (default: uniform)")
     p.add_argument("--rank-multiple", type=int, default=8, help="round ranks to this multiple (default 8)")
-    p.add_argument("--calib", default=None, help="calibration .txt/.jsonl file (asvd, svd-llm)")
+    p.add_argument("--min-rank", type=int, default=None, help="smallest rank (default: the rank multiple)")
+    p.add_argument("--calib", default=None,
+                   help="calibration text: a .txt/.jsonl file, 'sample' (built-in, not WikiText-2) or "
+                        "hf:NAME[:CONFIG[:SPLIT]] (default: 'sample' when calibration is needed)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling and ARA seed")
+    p.add_argument("--device", default="cpu", help="device the blocks are processed on, e.g. cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per block forward (default 4)")
+    p.add_argument("--beta", type=float, default=None, help="saes: fixed beta instead of ACES per layer")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
+def build_recipe(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe, imported lazily
+    """The recipe the flags describe (also used by commands that extend ``compress``)."""
+    from ..compressor.pipeline import CompressionRecipe
+
+    keep = args.keep if args.keep is not None or args.reduction is not None else 0.6
+    return CompressionRecipe(
+        method=args.method, keep=keep, reduction=args.reduction, allocation=args.allocation,
+        rank_multiple=args.rank_multiple, min_rank=args.min_rank, source=str(args.model), calib=args.calib,
+        calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, device=args.device,
+        batch_size=args.batch_size, beta=args.beta,
+    )
+
+
+def build_hooks(args: argparse.Namespace) -> list:
+    """Block hooks selected by flags (none by default; extension point for corrector flags)."""
+    return []
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..compressor.pipeline import CompressionRecipe, compress_checkpoint
+    from ..compressor.pipeline import compress_checkpoint
     from .common import resolve_model_path
 
     model_path = resolve_model_path(args.model)
-    recipe = CompressionRecipe(method=args.method, keep=args.keep, rank_multiple=args.rank_multiple,
-                               source=str(args.model),
-                               extra={"calib": args.calib, "calib_samples": args.calib_samples,
-                                      "calib_len": args.calib_len, "seed": args.seed} if args.calib else {})
+    recipe = build_recipe(args)
     path, report = compress_checkpoint(model_path, args.output, recipe, overwrite=args.overwrite,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, hooks=build_hooks(args))
     print(format_totals(report["totals"]))
     print(f"saved factored checkpoint to {path}")
     return 0

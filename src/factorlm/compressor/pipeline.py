@@ -1,9 +1,11 @@
 """Compression orchestration: model folder in, factored checkpoint folder out.
 
-The math lives in small functions elsewhere (``budget``, ``FactoredLinear``); this module
-only loads, plans ranks, replaces layers, reports and saves. Nothing is written until the
-whole model is compressed, and the save itself is atomic, so an interrupted run leaves no
-partial output.
+The steps, each in its own module: calibration windows (``calib_sources``), the budget
+(``planning``), the spectra pass and the block-wise two-stream factorization
+(``blockwise`` on top of ``streaming``), the methods (``methods``), the allocators
+(``allocation``) and optional block hooks (``hooks``). Nothing is written until the whole
+model is compressed and the hooks have finished, and the save itself is atomic, so a failed
+or interrupted run leaves no output folder.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,128 +21,176 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..runtime.arch import compressible_linears
 from ..runtime.checkpoint import load_model, load_tokenizer, save_factored
-from ..runtime.factored_linear import FactoredLinear
 from ..runtime.format import FactoredConfig, FactorlmError
-from .budget import LayerShape, count_params, kept_params, shapes_of, uniform_ranks
+from .allocation import AraConfig
+from .blockwise import compress_blocks, spectra_pass, weight_spectra
+from .budget import count_params, kept_params, shapes_of
+from .hooks import BlockHook
+from .methods import METHODS, MethodOptions, get_method
+from .planning import NEEDS_FACTORS, NEEDS_IMPORTANCE, NEEDS_SPECTRA, linear_budget, plan_ranks
+from .streaming import capture_block_inputs, split_batches
 
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "factorlm_recipe.yaml"
 REPORT_FILE = "factorlm_report.json"
+DEFAULT_ALLOCATION = "uniform"
+ARA_MAX_ROWS = 8
 
 
 @dataclass
 class CompressionRecipe:
-    """What the user asked for; saved beside the checkpoint so a run can be repeated."""
+    """What the user asked for; saved beside the checkpoint so a run can be repeated.
+
+    Exactly one of ``keep`` (linear params kept) and ``reduction`` (whole-model params
+    removed) is used; ``reduction`` wins when both are set by code, the CLI forbids it.
+    ``calib`` is a file, ``sample`` or ``hf:NAME[:CONFIG[:SPLIT]]``; ``None`` picks ``sample``
+    when a method or allocator needs calibration. ``beta`` fixes saes' β (None: ACES per layer).
+    """
 
     method: str = "svd"
-    keep: float = 0.6
+    keep: float | None = 0.6
+    reduction: float | None = None
+    allocation: str = DEFAULT_ALLOCATION
     rank_multiple: int = 8
     min_rank: int | None = None
     source: str = ""
+    calib: str | None = None
+    calib_samples: int = 32
+    calib_len: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 4
+    beta: float | None = None
+    damping: float = 1e-6
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 
-
-def relative_error(weight: torch.Tensor, layer: FactoredLinear) -> float:
-    """||W - UV||_F / ||W||_F, the weight-space error of a factorization."""
-    approx = layer.weight_u.detach().double() @ layer.weight_v.detach().double()
-    w = weight.detach().double()
-    return float((w - approx).norm() / w.norm().clamp_min(1e-30))
+    def calibration_source(self) -> str | None:
+        """The calibration source (older recipes kept it under ``extra``)."""
+        return self.calib or self.extra.get("calib")
 
 
-def check_finite(name: str, weight: torch.Tensor) -> None:
-    """NaN/Inf in a weight make every factorization meaningless: fail naming the layer."""
-    if not torch.isfinite(weight).all():
-        raise FactorlmError(f"layer {name!r}: weight contains NaN or Inf")
+def _needs_calibration(recipe: CompressionRecipe, hooks: Sequence[BlockHook]) -> bool:
+    return get_method(recipe.method).needs_calibration or bool(hooks) or recipe.allocation in (
+        NEEDS_IMPORTANCE | NEEDS_FACTORS) or (recipe.allocation in NEEDS_SPECTRA and recipe.method != "svd")
 
 
-METHODS = ("svd", "asvd", "svd-llm")
+def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Tensor | None, *,
+                   hooks: Sequence[BlockHook] = (), progress: bool = True) -> dict[str, Any]:
+    """Compress ``model`` in place following ``recipe``; returns the report (rows and totals).
 
-
-def compress_model_svd(model: nn.Module, recipe: CompressionRecipe, progress: bool = True,
-                       calib: torch.Tensor | None = None) -> dict[str, Any]:
-    """Plain truncated SVD of every block linear under a uniform keep ratio, in place.
-
-    Returns the report (per-layer rows and totals).
+    ``calib`` holds calibration token ids [samples, seq_len] (``None`` only for plain svd with
+    a uniform or weight-spectrum allocation and no hooks). Hooks' ``finalize`` is called here,
+    after the last block; its fields go under ``totals.hooks``.
     """
+    method = get_method(recipe.method)
+    min_rank = recipe.rank_multiple if recipe.min_rank is None else recipe.min_rank
+    if recipe.rank_multiple < 1 or min_rank < 1:
+        raise FactorlmError(f"--rank-multiple and --min-rank must be >= 1, got {recipe.rank_multiple}, {min_rank}")
+    device = torch.device(recipe.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FactorlmError("--device cuda was given but no CUDA device is available")
+    opts = MethodOptions(damping=recipe.damping, beta=recipe.beta)
     linears = compressible_linears(model)
-    shapes: dict[str, LayerShape] = shapes_of(linears)
-    plan = uniform_ranks(shapes, recipe.keep, recipe.rank_multiple, recipe.min_rank)
+    shapes = shapes_of(linears)
     params_before = count_params(model)
-    stats = None
-    if recipe.method != "svd":
-        from .calibrated import collect_input_stats
-        if calib is None:
-            raise FactorlmError(f"method {recipe.method!r} needs calibration data (--calib FILE)")
-        stats = collect_input_stats(model, {n: linears[n] for n, r in plan.items() if r is not None}, calib)
-    rows: list[dict[str, Any]] = []
-    for name in tqdm(plan, desc="factorizing", unit="layer", disable=not progress):
-        module = linears[name]
-        check_finite(name, module.weight)
-        rank = plan[name]
-        started = time.perf_counter()
-        row: dict[str, Any] = {"module": name, "shape": [shapes[name].out_features, shapes[name].in_features],
-                               "params_before": shapes[name].dense_params}
-        if rank is None:
-            row.update(rank=None, dense=True, params_after=shapes[name].dense_params, rel_weight_error=0.0)
+    reserved = sum(int(h.reserved_params({n: (s.out_features, s.in_features) for n, s in shapes.items()}))
+                   for h in hooks)
+    keep = None if recipe.reduction is not None else recipe.keep
+    budget = linear_budget(shapes, params_before, keep=keep, reduction=recipe.reduction, reserved=reserved)
+    captured = None
+    if calib is not None:
+        captured = capture_block_inputs(model, split_batches(calib, recipe.batch_size))
+    elif _needs_calibration(recipe, hooks):
+        raise FactorlmError(f"method {recipe.method!r} with allocation {recipe.allocation!r} needs calibration data")
+
+    alloc_started = time.perf_counter()
+    spectra = importance = factors = None
+    spectra_time = 0.0
+    if recipe.allocation in NEEDS_SPECTRA:
+        if captured is None:
+            spectra = weight_spectra(model)
         else:
-            if stats is None:
-                layer = FactoredLinear.from_linear(module, rank)
-            else:
-                from .calibrated import factorize_with_stats
-                u, v, extra = factorize_with_stats(recipe.method, module.weight, stats[name], rank)
-                layer = FactoredLinear.from_factors(u.to(module.weight.dtype), v.to(module.weight.dtype), module.bias)
-                row.update(extra)
-            row.update(rank=rank, dense=False, params_after=shapes[name].factored_params(rank),
-                       rel_weight_error=relative_error(module.weight, layer))
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-        row["time_s"] = round(time.perf_counter() - started, 4)
-        rows.append(row)
-    linear_before = sum(s.dense_params for s in shapes.values())
+            res = spectra_pass(model, captured, method, opts, importance=recipe.allocation in NEEDS_IMPORTANCE,
+                               factors=recipe.allocation in NEEDS_FACTORS, device=device, progress=progress)
+            spectra, importance, factors, spectra_time = res.spectra, res.importance, res.factors, res.time_s
+    ara_batches = None
+    if recipe.allocation in NEEDS_FACTORS and calib is not None:
+        ara_batches = split_batches(calib[:ARA_MAX_ROWS], 2)
+    plan, alloc_info = plan_ranks(recipe.allocation, shapes, budget, recipe.rank_multiple, min_rank,
+                                  spectra=spectra, importance=importance, model=model, factors=factors,
+                                  batches=ara_batches, ara=AraConfig(seed=recipe.seed), progress=progress)
+    del factors
+    alloc_time = time.perf_counter() - alloc_started
+
+    factor_started = time.perf_counter()
+    rows = compress_blocks(model, captured, plan, method, opts, hooks=hooks, device=device, progress=progress)
+    hook_totals: dict[str, Any] = {}
+    for hook in hooks:
+        hook_totals.update(hook.finalize(model, calib) or {})
+    factor_time = time.perf_counter() - factor_started
+
     linear_after = kept_params(shapes, plan)
-    totals = {
-        "linear_params_before": linear_before,
+    totals: dict[str, Any] = {
+        "method": recipe.method,
+        "allocation": recipe.allocation,
+        "linear_params_before": budget.linear_total,
         "linear_params_after": linear_after,
-        "linear_keep": linear_after / linear_before,
+        "linear_keep": linear_after / budget.linear_total,
         "model_params_before": params_before,
         "model_params_after": count_params(model),
         "factored_modules": sum(r is not None for r in plan.values()),
         "dense_modules": sum(r is None for r in plan.values()),
+        "budget": budget.to_dict(),
+        "calibration_tokens": int(calib.numel()) if calib is not None else 0,
+        "spectra_time_s": round(spectra_time, 2),
+        "allocation_time_s": round(alloc_time, 2),
+        "factorize_time_s": round(factor_time, 2),
+        **alloc_info,
     }
     totals["model_keep"] = totals["model_params_after"] / totals["model_params_before"]
-    return {"method": recipe.method, "layers": rows, "totals": totals}
+    errors = [r["rel_output_error"] for r in rows if r.get("rel_output_error") is not None and not r["dense"]]
+    if errors:
+        totals["mean_rel_output_error"] = round(sum(errors) / len(errors), 6)
+    if hooks:
+        totals["hooks"] = hook_totals
+    return {"method": recipe.method, "allocation": recipe.allocation, "layers": rows, "totals": totals}
 
 
 def compress_checkpoint(
     model_path: str | Path, out_dir: str | Path, recipe: CompressionRecipe, *, overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = True, hooks: Sequence[BlockHook] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Load a dense model folder, compress it, write the factored checkpoint atomically."""
+    """Load a dense model folder, compress it, write the factored checkpoint atomically.
+
+    ``hooks`` (see :mod:`.hooks`) run on every block after its factorization; what they
+    reserve is taken out of the rank budget, their ``finalize`` runs before the save.
+    """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass --overwrite to replace it")
-    if recipe.method not in METHODS:
-        raise FactorlmError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
+    get_method(recipe.method)
+    hooks = list(hooks or [])
     started = time.perf_counter()
-    model = load_model(model_path)
+    model = load_model(model_path, device="cpu")
     tokenizer = load_tokenizer(model_path)
     calib = None
-    if recipe.method != "svd":
-        from .calibrated import calibration_ids
-        ex = recipe.extra
-        if not ex.get("calib"):
-            raise FactorlmError(f"method {recipe.method!r} needs calibration data (--calib FILE)")
-        calib = calibration_ids(tokenizer, ex["calib"], int(ex.get("calib_samples", 32)),
-                                int(ex.get("calib_len", 512)), int(ex.get("seed", 0)))
-    report = compress_model_svd(model, recipe, progress=progress, calib=calib)
+    source = recipe.calibration_source()
+    if _needs_calibration(recipe, hooks) or source:
+        from .calib_sources import SAMPLE_SOURCE, calibration_windows
+
+        if not source:
+            logger.info("no --calib given; calibrating on the built-in 'sample' text (BoolQ passages)")
+            source = SAMPLE_SOURCE
+            recipe.calib = source
+        calib = calibration_windows(tokenizer, source, recipe.calib_samples, recipe.calib_len, recipe.seed)
+    report = compress_model(model, recipe, calib, hooks=hooks, progress=progress)
     report["totals"]["wall_time_s"] = round(time.perf_counter() - started, 2)
     dense = [row["module"] for row in report["layers"] if row["dense"]]
     path = save_factored(
@@ -148,3 +199,6 @@ def compress_checkpoint(
         overwrite=overwrite,
     )
     return path, report
+
+
+__all__ = ["METHODS", "RECIPE_FILE", "REPORT_FILE", "CompressionRecipe", "compress_checkpoint", "compress_model"]

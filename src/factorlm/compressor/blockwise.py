@@ -1,0 +1,260 @@
+"""The block-wise two-stream compressor and the spectra pass that feeds rank allocation.
+
+``compress_blocks`` walks the decoder blocks once. For each block it gathers the input
+statistics of every linear on the student stream (the model compressed so far) and, for
+methods that need it, the teacher stream (the dense model): the Gram ``H`` and the cross
+statistic ``Δ``. It factorizes the block's linears with the planned ranks, calls the block
+hooks (see :mod:`.hooks`), then advances the teacher stream through the dense block and the
+student stream through the compressed block *as the hooks left it*, so every later layer
+sees the accumulated error.
+
+``spectra_pass`` walks the dense stream once before allocation and keeps only what the
+allocators need: each linear's whitened singular-value energies, the sublayer importance
+(1 − cos between a sublayer's input and output hidden states) for MGAA and, for ARA, the
+full singular factors. Grams are dropped block by block, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..runtime.arch import decoder_layers, get_arch
+from ..runtime.factored_linear import FactoredLinear
+from ..runtime.format import FactorlmError
+from .allocation import LayerSpectrum, sublayer_importance
+from .budget import LayerShape
+from .hooks import BlockContext, BlockHook
+from .methods import InputStats, Method, MethodOptions, output_error, spectrum_energy
+from .streaming import CapturedInputs, block_statistics, check_finite_activations, run_block, sublayer_of, to_device
+
+logger = logging.getLogger(__name__)
+
+
+def check_finite_weight(name: str, weight: torch.Tensor) -> None:
+    """NaN/Inf in a weight make every factorization meaningless: fail naming the layer."""
+    if not torch.isfinite(weight).all():
+        raise FactorlmError(f"layer {name!r}: weight contains NaN or Inf")
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def factorize_linear(linear: nn.Linear, method: Method, stats: InputStats | None, rank: int,
+                     opts: MethodOptions, device: torch.device) -> tuple[FactoredLinear, dict[str, Any]]:
+    """Factor one linear with ``method``; returns the new module and its report fields."""
+    weight = linear.weight.detach().to(device)
+    u, v, extra = method.factorize(weight, stats, rank, opts)
+    approx = u @ v
+    w64 = weight.double()
+    fields: dict[str, Any] = dict(extra)
+    fields["rel_weight_error"] = float((w64 - approx).norm() / w64.norm().clamp_min(1e-30))
+    err = output_error(weight, approx, stats.gram if stats is not None else None)
+    fields["rel_output_error"] = None if err is None else round(err, 6)
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    layer = FactoredLinear.from_factors(u.to(linear.weight.dtype).contiguous(), v.to(linear.weight.dtype).contiguous(),
+                                        bias)
+    return layer, fields
+
+
+@dataclass
+class StreamResult:
+    """Per-layer report rows (in execution order) of a streaming compression."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def compress_blocks(
+    model: nn.Module, captured: CapturedInputs | None, plan: Mapping[str, int | None], method: Method,
+    opts: MethodOptions, *, hooks: Sequence[BlockHook] = (), device: torch.device | str = "cpu",
+    keep_teacher: bool | None = None, progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Factorize every block linear in place, block by block; returns the report rows.
+
+    ``captured`` holds block-0 inputs and block kwargs (``None`` only for methods that need
+    no calibration and when there are no hooks). The teacher stream is kept when the method
+    needs it or hooks are given (``keep_teacher`` overrides).
+    """
+    device = torch.device(device)
+    spec = get_arch(model.config)
+    layers = decoder_layers(model)
+    names = spec.block_linear_names()
+    streaming = captured is not None
+    if (method.needs_calibration or hooks) and not streaming:
+        raise FactorlmError(f"method {method.name!r}{' with block hooks' if hooks else ''} needs calibration data")
+    teacher_needed = (method.needs_teacher or bool(hooks)) if keep_teacher is None else keep_teacher
+    student = list(captured.hidden) if streaming else []
+    teacher = student if streaming and teacher_needed else None
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(layers, desc=f"compress ({method.name})", unit="block", disable=not progress)
+    for index, block in enumerate(bar):
+        prefix = f"{spec.layers_path}.{index}"
+        block.to(device)
+        kwargs = to_device(captured.block_kwargs[index], device) if streaming else {}
+        started = time.perf_counter()
+        bstats = None
+        if streaming:
+            bstats = block_statistics(block, names, student, teacher, kwargs, device, where=f"block {index}")
+        dense_block = copy.deepcopy(block) if hooks else None
+        stats_time = time.perf_counter() - started
+        ranks: dict[str, int | None] = {}
+        block_rows: dict[str, dict[str, Any]] = {}
+        for local in names:
+            full = f"{prefix}.{local}"
+            linear = block.get_submodule(local)
+            check_finite_weight(full, linear.weight)
+            rank = plan.get(full)
+            ranks[full] = rank
+            shape = LayerShape(linear.out_features, linear.in_features)
+            row: dict[str, Any] = {"module": full, "shape": [shape.out_features, shape.in_features],
+                                   "params_before": shape.dense_params}
+            t0 = time.perf_counter()
+            if rank is None:
+                row.update(rank=None, dense=True, params_after=shape.dense_params, rel_weight_error=0.0,
+                           rel_output_error=0.0)
+            else:
+                st = bstats.stats[local] if bstats is not None else None
+                layer, fields = factorize_linear(linear, method, st, rank, opts, device)
+                _set_submodule(block, local, layer)
+                row.update(rank=rank, dense=False, params_after=shape.factored_params(rank), **fields)
+            row["time_s"] = round(time.perf_counter() - t0 + stats_time / len(names), 4)
+            block_rows[full] = row
+        for hook in hooks:
+            ctx = BlockContext(
+                index=index, num_blocks=len(layers), block=block, dense_block=dense_block,  # type: ignore[arg-type]
+                student_inputs=student, teacher_inputs=teacher if teacher is not None else student,
+                block_kwargs=kwargs, linear_names={local: f"{prefix}.{local}" for local in names}, ranks=ranks,
+                grams={local: bstats.stats[local].gram for local in names} if bstats is not None else {},
+                device=device,
+            )
+            for full, extra in (hook(ctx) or {}).items():
+                if full not in block_rows:
+                    raise FactorlmError(f"block hook returned report fields for unknown layer {full!r}")
+                block_rows[full].update(extra)
+        if streaming:
+            with torch.no_grad():
+                nxt = [run_block(block, x.to(device), kwargs).to("cpu") for x in student]
+            for t in nxt:
+                check_finite_activations(t, f"block {index} output")
+            if teacher is not None:
+                teacher = bstats.teacher_out if bstats is not None and bstats.teacher_out is not None else None
+            student = nxt
+        rows.extend(block_rows.values())
+        block.to("cpu")
+        if dense_block is not None:
+            del dense_block
+    return rows
+
+
+@dataclass
+class SpectraResult:
+    """What the allocators need, from one dense-stream pass."""
+
+    spectra: dict[str, LayerSpectrum]
+    importance: dict[str, float]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    time_s: float = 0.0
+
+
+def layer_spectrum_basis(weight: torch.Tensor, stats: InputStats | None, method: Method, opts: MethodOptions
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The matrix whose singular values measure the method's loss, and the map back to weight space.
+
+    svd: ``W`` (weight-space loss); asvd: ``W diag(s)``; svd-llm/saes: ``W S`` (output loss on
+    the calibration inputs). Returns (matrix, inverse map or None for the identity).
+    """
+    w = weight.double()
+    if method.name == "svd" or stats is None or stats.gram is None:
+        return w, None
+    if method.name == "asvd":
+        s = (stats.abs_sum / stats.count).double().clamp_min(1e-8) ** 0.5
+        return w * s, torch.diag(1.0 / s)
+    white = stats.whitening(opts.damping)
+    return w @ white.sqrt, white.inv_sqrt
+
+
+def weight_spectra(model: nn.Module) -> dict[str, LayerSpectrum]:
+    """Plain singular-value energies of every block linear (for ``svd`` without calibration)."""
+    spec = get_arch(model.config)
+    out: dict[str, LayerSpectrum] = {}
+    for index, block in enumerate(decoder_layers(model)):
+        for local in spec.block_linear_names():
+            lin = block.get_submodule(local)
+            full = f"{spec.layers_path}.{index}.{local}"
+            check_finite_weight(full, lin.weight)
+            out[full] = LayerSpectrum(full, LayerShape(lin.out_features, lin.in_features),
+                                      spectrum_energy(lin.weight.detach()).cpu(),
+                                      f"{spec.layers_path}.{index}.{sublayer_of(local)}")
+    return out
+
+
+@torch.no_grad()
+def spectra_pass(
+    model: nn.Module, captured: CapturedInputs, method: Method, opts: MethodOptions, *,
+    importance: bool = False, factors: bool = False, device: torch.device | str = "cpu", progress: bool = True,
+) -> SpectraResult:
+    """One dense-stream pass: per-linear energies (and importance / ARA factors on request)."""
+    started = time.perf_counter()
+    device = torch.device(device)
+    spec = get_arch(model.config)
+    names = spec.block_linear_names()
+    mlp_attr = spec.mlp[0]
+    dense = list(captured.hidden)
+    result = SpectraResult({}, {}, {})
+    for index, block in enumerate(tqdm(decoder_layers(model), desc="spectra", unit="block", disable=not progress)):
+        prefix = f"{spec.layers_path}.{index}"
+        block.to(device)
+        kwargs = to_device(captured.block_kwargs[index], device)
+        bstats = block_statistics(block, names, dense, None, kwargs, device, where=f"block {index}")
+        for local in names:
+            full = f"{prefix}.{local}"
+            lin = block.get_submodule(local)
+            check_finite_weight(full, lin.weight)
+            matrix, back = layer_spectrum_basis(lin.weight.detach().to(device), bstats.stats[local], method, opts)
+            if factors:
+                u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+                right = vh if back is None else vh @ back
+                bias = lin.bias.detach().clone().cpu() if lin.bias is not None else None
+                result.factors[full] = ((u * s).float().cpu(), right.float().cpu(), bias)
+                energy = s**2
+            else:
+                energy = spectrum_energy(matrix)
+            result.spectra[full] = LayerSpectrum(full, LayerShape(lin.out_features, lin.in_features),
+                                                 energy.cpu(), f"{prefix}.{sublayer_of(local)}")
+        if importance:
+            result.importance.update(_importance(block, prefix, spec.attention[0], mlp_attr, dense,
+                                                 bstats.student_out, kwargs, device))
+        dense = bstats.student_out
+        block.to("cpu")
+    result.time_s = time.perf_counter() - started
+    return result
+
+
+def _importance(block: nn.Module, prefix: str, attn_attr: str, mlp_attr: str, inputs: Sequence[torch.Tensor],
+                outputs: Sequence[torch.Tensor], kwargs: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """1 − mean cos(in, out) of the attention and MLP sublayers of one block.
+
+    The hidden state between the sublayers is the block output with the MLP's output zeroed
+    (a forward hook), which works whatever norms surround the residual additions.
+    """
+    mlp = block.get_submodule(mlp_attr)
+    handle = mlp.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+    try:
+        mids = [run_block(block, x.to(device), kwargs).to("cpu") for x in inputs]
+    finally:
+        handle.remove()
+    h_in = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+    h_mid = torch.cat([x.reshape(-1, x.shape[-1]) for x in mids])
+    h_out = torch.cat([x.reshape(-1, x.shape[-1]) for x in outputs])
+    return {f"{prefix}.{attn_attr}": sublayer_importance(h_in, h_mid),
+            f"{prefix}.{mlp_attr}": sublayer_importance(h_mid, h_out)}

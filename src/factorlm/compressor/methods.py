@@ -1,0 +1,173 @@
+"""Factorization methods behind one registry, selected by ``--method``.
+
+Each method turns a dense weight and the statistics of the layer's calibration inputs into
+factors ``(u [out, r], v [r, in])`` plus report fields. Statistics come from the block-wise
+streaming compressor (:mod:`.streaming`): the Gram ``H`` and mean ``|x|`` of the layer's
+inputs on the *student* stream (the model compressed so far) and, for ``saes``, the cross
+statistic ``Δ = Σ (x_teacher − x_student) x_studentᵀ``.
+
+* ``svd``: plain truncated SVD, no calibration.
+* ``asvd``: activation-scaled SVD (input channels scaled by ``mean|x|^0.5``).
+* ``svd-llm``: whitening by the Cholesky factor of ``H`` (eigen fallback, recorded).
+* ``saes``: SAES-SVD, the CEALC closed form ``G(β) = W (H + βΔ) S⁻ᵀ`` with ACES choosing
+  ``β`` per layer on a grid by the retained-energy ratio; ``β = 0`` is ``svd-llm``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..runtime.format import FactorlmError
+from .whitening import Whitening, asvd_factors, retained_ratio, svd_factors, truncate, whiten
+
+logger = logging.getLogger(__name__)
+
+ACES_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class InputStats:
+    """Calibration statistics of one linear's inputs (shared by linears that read the same input).
+
+    ``gram`` / ``cross`` are fp64 sums over ``count`` tokens; ``abs_sum`` is Σ|x| per input
+    channel. ``white`` caches the whitening of ``gram`` (one Cholesky per input group).
+    """
+
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    count: int = 0
+    white: Whitening | None = field(default=None, repr=False)
+
+    def whitening(self, damping: float) -> Whitening:
+        """Whitening of the Gram, computed once and cached."""
+        if self.gram is None:
+            raise FactorlmError("no calibration statistics were collected for this layer")
+        if self.white is None:
+            self.white = whiten(self.gram, damping=damping)
+            if self.white.fallback:
+                logger.warning("whitening fallback: %s", self.white.fallback)
+        return self.white
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Knobs shared by the methods: whitening damping, the ACES grid, a fixed β for saes."""
+
+    damping: float = 1e-6
+    beta: float | None = None
+    grid: tuple[float, ...] = ACES_GRID
+
+
+@dataclass(frozen=True)
+class Method:
+    """A factorization method: what it needs from the streams and how it factorizes."""
+
+    name: str
+    needs_calibration: bool
+    needs_teacher: bool
+    factorize: Callable[[torch.Tensor, InputStats | None, int, MethodOptions],
+                        tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+    description: str = ""
+
+
+def spectrum_energy(matrix: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of ``matrix`` (descending), via the smaller Gram's eigenvalues.
+
+    Cheaper than an SVD for tall or wide matrices and accurate enough for energy ratios.
+    """
+    m = matrix.double()
+    small = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return torch.linalg.eigvalsh(small).flip(0).clamp_min(0.0)
+
+
+def aces_select(base: torch.Tensor, direction: torch.Tensor, rank: int,
+                grid: tuple[float, ...]) -> tuple[float, float]:
+    """ACES: the β on ``grid`` maximising the retained-energy ratio of ``G(β) = base + β·direction``.
+
+    Ties keep the smaller β (closer to the svd-llm solution). Returns (β, ratio).
+    """
+    best_beta, best_rho = 0.0, -1.0
+    for beta in grid:
+        rho = retained_ratio(spectrum_energy(base + beta * direction), rank)
+        if rho > best_rho + 1e-12:
+            best_beta, best_rho = float(beta), rho
+    return best_beta, best_rho
+
+
+def _svd(weight: torch.Tensor, stats: InputStats | None, rank: int, opts: MethodOptions
+         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    u, v = svd_factors(weight, rank)
+    return u, v, {}
+
+
+def _asvd(weight: torch.Tensor, stats: InputStats | None, rank: int, opts: MethodOptions
+          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    if stats is None or stats.abs_sum is None or stats.count == 0:
+        raise FactorlmError("asvd needs calibration statistics (mean |x| per input channel)")
+    u, v = asvd_factors(weight, stats.abs_sum / stats.count, rank)
+    return u, v, {}
+
+
+def _svdllm(weight: torch.Tensor, stats: InputStats | None, rank: int, opts: MethodOptions
+            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    if stats is None:
+        raise FactorlmError("svd-llm needs calibration statistics (input Gram)")
+    white = stats.whitening(opts.damping)
+    a, b, _ = truncate(weight.double() @ white.sqrt, rank)
+    return a, b @ white.inv_sqrt, {"fallback": white.fallback}
+
+
+def _saes(weight: torch.Tensor, stats: InputStats | None, rank: int, opts: MethodOptions
+          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    if stats is None or stats.gram is None:
+        raise FactorlmError("saes needs calibration statistics (input Gram and teacher/student cross statistic)")
+    white = stats.whitening(opts.damping)
+    w = weight.double()
+    base = w @ white.sqrt  # G(0) = W S, the svd-llm target
+    if stats.cross is None:
+        beta, rho = 0.0, None
+        target = base
+    else:
+        direction = w @ stats.cross.double() @ white.inv_sqrt.T  # dG/dβ = W Δ S⁻ᵀ
+        if opts.beta is not None:
+            beta, rho = float(opts.beta), None
+        else:
+            beta, rho = aces_select(base, direction, rank, opts.grid)
+        target = base + beta * direction
+    a, b, s = truncate(target, rank)
+    if rho is None:
+        rho = retained_ratio(s, rank)
+    return a, b @ white.inv_sqrt, {"beta": beta, "retained": round(rho, 6), "fallback": white.fallback}
+
+
+METHODS: dict[str, Method] = {
+    "svd": Method("svd", False, False, _svd, "plain truncated SVD of the weight"),
+    "asvd": Method("asvd", True, False, _asvd, "activation-scaled SVD (mean |x|^0.5 per input channel)"),
+    "svd-llm": Method("svd-llm", True, False, _svdllm, "SVD of the weight whitened by the input Gram"),
+    "saes": Method("saes", True, True, _saes, "SAES-SVD: CEALC with the accumulated-error statistic, ACES beta"),
+}
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; an unknown name lists the available ones."""
+    if name not in METHODS:
+        raise FactorlmError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor | None) -> float | None:
+    """Relative output error ``‖(W − M)X‖_F / ‖WX‖_F`` on the calibration inputs, from ``H = XXᵀ``."""
+    if gram is None:
+        return None
+    w = weight.double()
+    e = w - approx.double()
+    h = gram.double()
+    num = float(((e @ h) * e).sum().clamp_min(0.0))
+    den = float(((w @ h) * w).sum().clamp_min(1e-300))
+    return (num / den) ** 0.5

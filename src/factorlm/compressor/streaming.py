@@ -1,0 +1,225 @@
+"""Block-wise streaming primitives: capture a block's inputs, run one block, gather statistics.
+
+The compressor never runs the whole model on its calibration data. It captures the input
+hidden states of decoder block 0 (and the keyword arguments every block receives: position
+embeddings, attention mask, ...), then walks the blocks one at a time, so memory is bounded
+by one block plus its activations. Activations live on the CPU between blocks; the block in
+work and its activations go to ``device``.
+
+Architecture access goes through :mod:`factorlm.runtime.arch` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..runtime.arch import decoder_layers, get_arch
+from ..runtime.format import FactorlmError
+from .methods import InputStats
+from .whitening import accumulate_cross, accumulate_gram
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised inside the last block's stub to end the capture forward early."""
+
+
+@dataclass
+class CapturedInputs:
+    """Block-0 input hidden states (one CPU tensor per batch) and each block's keyword arguments."""
+
+    hidden: list[torch.Tensor]
+    block_kwargs: list[dict[str, Any]]
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """Move tensors inside nested tuples/lists/dicts to ``device`` (other values unchanged)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def split_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Rows of ``ids`` in equal-size batches (the largest divisor of the row count ≤ ``batch_size``).
+
+    Equal sizes let every batch share the keyword arguments captured once (masks are shaped
+    by the batch size).
+    """
+    n = ids.shape[0]
+    size = max(d for d in range(1, max(1, min(batch_size, n)) + 1) if n % d == 0)
+    return list(ids.split(size))
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> CapturedInputs:
+    """Inputs of block 0 for every batch, and the kwargs each block is called with.
+
+    Every block's ``forward`` is temporarily replaced by a stub that records its arguments and
+    returns its input unchanged; the last block's stub stops the forward, so the capture costs
+    only the embeddings, the rotary tables and the masks. Per-block kwargs matter for families
+    whose blocks differ (e.g. sliding-window and full-attention layers).
+    """
+    layers = decoder_layers(model)
+    hidden: list[torch.Tensor] = []
+    kwargs_of: list[dict[str, Any] | None] = [None] * len(layers)
+    last = len(layers) - 1
+
+    def stub(index: int):  # noqa: ANN202 - a forward replacement
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if args:
+                states, rest = args[0], args[1:]
+            else:
+                states, rest = kwargs.pop("hidden_states"), ()
+            if rest:
+                raise FactorlmError(f"decoder block {index} got {len(rest)} extra positional arguments; "
+                                    "the streaming compressor expects keyword arguments")
+            if kwargs_of[index] is None:
+                kwargs_of[index] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+            if index == 0:
+                hidden.append(states.detach().to("cpu"))
+            if index == last:
+                raise _StopForward
+            return states
+        return forward
+
+    embed_device = model.get_input_embeddings().weight.device
+    for index, block in enumerate(layers):
+        block.forward = stub(index)  # type: ignore[method-assign]
+    try:
+        for batch in batches:
+            with contextlib.suppress(_StopForward):
+                model(input_ids=batch.to(embed_device), use_cache=False)
+    finally:
+        for block in layers:
+            del block.forward
+    if any(k is None for k in kwargs_of) or len(hidden) != len(batches):
+        raise FactorlmError("could not capture the decoder blocks' inputs (a block was not called)")
+    for kw in kwargs_of:
+        kw["use_cache"] = False  # type: ignore[index]
+    return CapturedInputs(hidden, kwargs_of)  # type: ignore[arg-type]
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One decoder block's output hidden states (tuple outputs unwrapped)."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def record_inputs(block: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input tensor of every named linear of ``block`` during the forwards inside."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
+            seen[name] = inputs[0].detach()
+        handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Compressible linears relative to one block, in execution order (from the arch registry)."""
+    return get_arch(model.config).block_linear_names()
+
+
+def sublayer_of(local_name: str) -> str:
+    """The sublayer (attention / MLP attribute) a block-local linear name belongs to."""
+    return local_name.split(".")[0]
+
+
+def check_finite_activations(states: torch.Tensor, where: str) -> None:
+    """Non-finite activations make every statistic meaningless: fail naming the place."""
+    if not torch.isfinite(states).all():
+        raise FactorlmError(f"{where}: calibration activations contain NaN or Inf")
+
+
+@dataclass
+class BlockStats:
+    """Per-linear input statistics of one block (members of an input group share one object)
+    and the block's outputs on the streams that were run."""
+
+    stats: dict[str, InputStats]
+    student_out: list[torch.Tensor]
+    teacher_out: list[torch.Tensor] | None
+
+
+@torch.no_grad()
+def block_statistics(
+    block: nn.Module, names: Sequence[str], student_in: Sequence[torch.Tensor],
+    teacher_in: Sequence[torch.Tensor] | None, kwargs: dict[str, Any], device: torch.device,
+    *, where: str = "block",
+) -> BlockStats:
+    """Run the (still dense) block on both streams and accumulate each linear's statistics.
+
+    ``gram`` and ``abs_sum`` come from the student stream; ``cross`` (Δ) pairs the teacher's
+    and the student's inputs of the same linear on the same batch. Linears that read the
+    same tensor (q/k/v, gate/up) share one :class:`InputStats`, so one whitening serves them.
+    Outputs are moved to the CPU.
+    """
+    stats: dict[str, InputStats] = {}
+    student_out: list[torch.Tensor] = []
+    teacher_out: list[torch.Tensor] | None = [] if teacher_in is not None else None
+    for i, xs in enumerate(student_in):
+        t_seen: dict[str, torch.Tensor] | None = None
+        if teacher_in is not None and teacher_out is not None:
+            same = teacher_in[i] is xs
+            with record_inputs(block, names) as t_seen:
+                t_y = run_block(block, teacher_in[i].to(device), kwargs)
+            teacher_out.append(t_y.to("cpu"))
+            if same:  # identical streams (block 0): the student pass would repeat this one
+                s_seen, s_y = t_seen, t_y
+            else:
+                with record_inputs(block, names) as s_seen:
+                    s_y = run_block(block, xs.to(device), kwargs)
+        else:
+            with record_inputs(block, names) as s_seen:
+                s_y = run_block(block, xs.to(device), kwargs)
+        student_out.append(s_y.to("cpu"))
+        if not stats:
+            _group(stats, names, s_seen)
+        done: set[int] = set()
+        for name in names:
+            st = stats[name]
+            if id(st) in done:
+                continue
+            done.add(id(st))
+            x = s_seen[name]
+            check_finite_activations(x, f"{where} {name}")
+            flat = x.reshape(-1, x.shape[-1])
+            st.gram = accumulate_gram(st.gram, flat)
+            a = flat.double().abs().sum(0)
+            st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
+            st.count += flat.shape[0]
+            if t_seen is not None and t_seen is not s_seen:
+                st.cross = accumulate_cross(st.cross, t_seen[name], flat)
+            elif t_seen is not None:
+                zero = torch.zeros(flat.shape[-1], flat.shape[-1], dtype=torch.float64, device=flat.device)
+                st.cross = zero if st.cross is None else st.cross
+    return BlockStats(stats, student_out, teacher_out)
+
+
+def _group(stats: dict[str, InputStats], names: Sequence[str], seen: dict[str, torch.Tensor]) -> None:
+    """One InputStats per distinct input tensor; linears reading the same tensor share it."""
+    for i, name in enumerate(names):
+        if name not in seen:
+            raise FactorlmError(f"linear {name!r} was not called in the block forward")
+        shared = next((stats[p] for p in names[:i] if seen[p] is seen[name]), None)
+        stats[name] = shared if shared is not None else InputStats()

@@ -1,0 +1,140 @@
+"""Block-wise two-stream streaming: exactness of the streams, the error they carry, block hooks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from factorlm.compressor.hooks import BlockContext
+from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint, compress_model
+from factorlm.compressor.streaming import capture_block_inputs, run_block, split_batches
+from factorlm.runtime.arch import compressible_linears, decoder_layers
+from factorlm.runtime.factored_linear import FactoredLinear
+from factorlm.testing import make_tiny_model, save_tiny_dense
+
+
+def _ids(n: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 380, (n, length), generator=g)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_streaming_reproduces_the_full_forward(arch):
+    """Captured block-0 inputs and per-block kwargs, run block by block, give the model's own hidden states."""
+    model, _ = make_tiny_model(arch)
+    ids = _ids()
+    captured = capture_block_inputs(model, split_batches(ids, 2))
+    seen = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda _m, a: seen.__setitem__("h", a[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+        handle.remove()
+        states = captured.hidden
+        for index, block in enumerate(decoder_layers(model)):
+            states = [run_block(block, x, captured.block_kwargs[index]) for x in states]
+    torch.testing.assert_close(torch.cat(states), seen["h"], rtol=1e-5, atol=1e-5)
+
+
+def test_split_batches_equal_sizes():
+    assert [b.shape[0] for b in split_batches(_ids(6), 4)] == [3, 3]
+    assert [b.shape[0] for b in split_batches(_ids(5), 4)] == [1] * 5
+
+
+class ZeroOut(nn.Module):
+    """Stands in for a hook-modified linear: outputs zeros of the right width."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+class RecordingHook:
+    """A trivial hook: reserves parameters, records the streams, modifies block 0, reports a field."""
+
+    def __init__(self, reserve: int = 0):
+        self.reserve = reserve
+        self.calls: list[int] = []
+        self.streams_equal: dict[int, bool] = {}
+        self.expected: dict[str, torch.Tensor] = {}
+        self.checked = False
+
+    def reserved_params(self, shapes: dict[str, tuple[int, int]]) -> int:
+        return self.reserve
+
+    def __call__(self, ctx: BlockContext) -> dict[str, dict]:
+        self.calls.append(ctx.index)
+        self.streams_equal[ctx.index] = all(torch.equal(s, t) for s, t in zip(ctx.student_inputs, ctx.teacher_inputs))
+        assert set(ctx.grams) == set(ctx.linear_names)
+        assert isinstance(ctx.dense_block.get_submodule("mlp.down_proj"), nn.Linear)
+        if ctx.index == 0:
+            before = copy.deepcopy(ctx.block)
+            down = ctx.block.get_submodule("mlp.down_proj")
+            ctx.block.mlp.down_proj = ZeroOut(down.out_features)
+            with torch.no_grad():
+                self.expected["modified"] = run_block(ctx.block, ctx.student_inputs[0], ctx.block_kwargs)
+                self.expected["unmodified"] = run_block(before, ctx.student_inputs[0], ctx.block_kwargs)
+        elif ctx.index == 1:
+            x = ctx.student_inputs[0]
+            self.checked = torch.allclose(x, self.expected["modified"]) and not torch.allclose(
+                x, self.expected["unmodified"])
+        return {name: {"hook_seen": ctx.index} for name in ctx.linear_names.values()}
+
+    def finalize(self, model: nn.Module, calib_ids: torch.Tensor) -> dict:
+        block = decoder_layers(model)[0]
+        down = block.mlp.down_proj
+        block.mlp.down_proj = FactoredLinear.from_factors(torch.zeros(down.out_features, 8),
+                                                          torch.zeros(8, model.config.intermediate_size))
+        return {"finalized": True, "calib_rows": int(calib_ids.shape[0])}
+
+
+def _calib(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("Calibration text about gardens, rivers and old stone bridges in the hills. " * 40)
+    return str(p)
+
+
+def test_block_hook_sees_two_streams_and_the_student_advances_through_its_changes(tmp_path):
+    src = save_tiny_dense(tmp_path / "d")
+    hook = RecordingHook(reserve=2000)
+    recipe = CompressionRecipe(method="saes", keep=0.7, calib=_calib(tmp_path), calib_samples=4, calib_len=32)
+    out, report = compress_checkpoint(src, tmp_path / "o", recipe, progress=False, hooks=[hook])
+    assert hook.calls == [0, 1]
+    assert hook.streams_equal == {0: True, 1: False}  # the student carries block 0's error
+    assert hook.checked
+    assert all(row["hook_seen"] in (0, 1) for row in report["layers"])
+    assert report["totals"]["hooks"] == {"finalized": True, "calib_rows": 4}
+    assert report["totals"]["budget"]["reserved_params"] == 2000
+    budget = report["totals"]["budget"]["linear_budget"]
+    assert report["totals"]["linear_params_after"] <= budget - 2000 + 8 * (64 + 128)
+    assert (out / "factorlm_report.json").is_file()
+
+
+def test_saes_with_beta_zero_equals_svdllm(tmp_path):
+    torch.manual_seed(0)
+    ids = _ids(4, 32)
+    results = {}
+    for method, beta in (("saes", 0.0), ("svd-llm", None)):
+        model, _ = make_tiny_model()
+        compress_model(model, CompressionRecipe(method=method, keep=0.6, beta=beta), ids, progress=False)
+        results[method] = {n: m.weight_u @ m.weight_v for n, m in compressible_linears(model).items()
+                           if isinstance(m, FactoredLinear)}
+    assert results["saes"].keys() == results["svd-llm"].keys()
+    for name in results["saes"]:
+        torch.testing.assert_close(results["saes"][name], results["svd-llm"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_saes_uses_the_accumulated_error(tmp_path):
+    """With ACES, later layers pick beta > 0 somewhere and the output differs from svd-llm."""
+    ids = _ids(4, 32)
+    model, _ = make_tiny_model()
+    report = compress_model(model, CompressionRecipe(method="saes", keep=0.5), ids, progress=False)
+    betas = [row["beta"] for row in report["layers"] if not row["dense"]]
+    first_block = [row["beta"] for row in report["layers"] if row["module"].startswith("model.layers.0.")]
+    assert all(b == 0.0 for b in first_block if b is not None)  # no accumulated error before block 0
+    assert any(b > 0 for b in betas)
