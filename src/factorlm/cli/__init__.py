@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "factorlm.cli.export",
     "factorlm.cli.eval",
     "factorlm.cli.bench",
+    "factorlm.cli.inspect",
+    "factorlm.cli.calib_text",
 ]
 
 
@@ -38,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, turn expected errors into one clear line and exit code 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not getattr(args, "passes_extra_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.extra_args = unknown  # e.g. `serve --engine vllm`: handed to vLLM unchanged
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not getattr(args, "func", None):

@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + output tokens)")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.set_defaults(func=run)
-    p.set_defaults(extra_args=[])
+    p.set_defaults(func=run, extra_args=[], passes_extra_args=True)
+    p.epilog = "With --engine vllm, arguments after the model folder that factorlm does not know go to vLLM."
 
 
 def _onnx_engine(path: Any, args: argparse.Namespace) -> Any:
@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
             extra += ["--served-model-name", args.served_model_name]
         if args.max_model_len:
             extra += ["--max-model-len", str(args.max_model_len)]
+        extra += list(args.extra_args)
         return int(launch(str(path), extra) or 0)
+    if args.extra_args:
+        raise FactorlmError(f"unrecognized arguments for --engine {args.engine}: {' '.join(args.extra_args)}")
     if args.threads:
         import torch
 
