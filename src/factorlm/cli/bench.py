@@ -1,17 +1,20 @@
-"""``factorlm bench serving --url URL``: load-test any OpenAI-compatible endpoint."""
+"""``factorlm bench``: ``serving`` load-tests any OpenAI-compatible endpoint; ``offline`` times engines
+on a dense and a factored folder in one run (see ``factorlm.bench.offline``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import shlex
+from pathlib import Path
 
 _COLUMNS = ["max_concurrency", "completed", "failed", "request_throughput", "output_throughput",
             "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_itl_ms", "median_e2el_ms"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (serving load generator)")
+    p = subparsers.add_parser("bench", help="benchmarks (offline engines, serving load generator)")
     sub = p.add_subparsers(dest="bench_command", required=True)
     s = sub.add_parser("serving", help="concurrency sweep against an OpenAI-compatible /v1/completions")
     s.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
@@ -22,6 +25,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--concurrency", type=int, nargs="+", default=[1])
     s.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
     s.set_defaults(func=run_serving)
+    o = sub.add_parser("offline", help="decode/prefill speed, bytes, memory: dense vs factored, per engine")
+    o.add_argument("dense", help="dense model folder (or 'sample')")
+    o.add_argument("factored", help="factored checkpoint folder")
+    o.add_argument("--engines", default="torch", help="comma list: torch,onnx,vllm,llamacpp")
+    o.add_argument("--batch", default="1,4", help="comma list of batch sizes")
+    o.add_argument("--prompt-tokens", type=int, default=32)
+    o.add_argument("--new-tokens", type=int, default=32)
+    o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--threads", type=int, default=1, help="torch threads and ONNX Runtime intra-op threads")
+    o.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    o.add_argument("--bandwidth-mib", type=int, default=256, help="memory-bandwidth probe size (0: skip)")
+    o.add_argument("--onnx-dense", type=Path, help="ONNX export of DENSE (default: exported once into the cache)")
+    o.add_argument("--onnx-factored", type=Path, help="ONNX export of FACTORED (default: as above)")
+    o.add_argument("--gguf", help="GGUF file for the llamacpp engine ('sample': the sample model's Q4_1 GGUF)")
+    o.add_argument("--no-compile", action="store_true", help="CUDA: eager decode instead of CUDA graphs")
+    o.add_argument("--json-out", type=Path, help="also write the result JSON here (atomically)")
+    o.add_argument("--md-out", type=Path, help="also write the Markdown table here (atomically)")
+    o.set_defaults(func=run_offline_cmd)
 
 
 def run_serving(args: argparse.Namespace) -> int:
@@ -36,4 +57,64 @@ def run_serving(args: argparse.Namespace) -> int:
     for r in rows:
         print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in _COLUMNS))
     print(json.dumps({"results": rows}))
+    return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    from ..runtime.format import FactorlmError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise FactorlmError(f"{what} must be a comma list of integers, got {text!r}") from exc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The equivalent command line, recorded with the result (defaults spelled out)."""
+    parts = ["factorlm", "bench", "offline", args.dense, args.factored, "--engines", args.engines, "--batch", args.batch,
+             "--prompt-tokens", args.prompt_tokens, "--new-tokens", args.new_tokens, "--repeats", args.repeats,
+             "--threads", args.threads, "--device", args.device]
+    for flag, value in (("--onnx-dense", args.onnx_dense), ("--onnx-factored", args.onnx_factored),
+                        ("--gguf", args.gguf)):
+        if value:
+            parts += [flag, value]
+    if args.no_compile:
+        parts.append("--no-compile")
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def run_offline_cmd(args: argparse.Namespace) -> int:
+    from ..bench.offline import format_markdown, run_offline
+    from ..bench.runner import BenchConfig
+    from .common import resolve_model_path
+
+    gguf = None
+    if args.gguf == "sample":
+        from ..sample_model import find_gguf
+
+        gguf = find_gguf()
+    elif args.gguf:
+        gguf = Path(args.gguf)
+    onnx_dirs = {k: v for k, v in (("dense", args.onnx_dense), ("factored", args.onnx_factored)) if v}
+    config = BenchConfig(engines=[e.strip() for e in args.engines.split(",") if e.strip()],
+                         batches=_int_list(args.batch, "--batch"), prompt_tokens=args.prompt_tokens,
+                         new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads, device=args.device,
+                         bandwidth_mib=args.bandwidth_mib, onnx_dirs=onnx_dirs, gguf=gguf,
+                         compile=not args.no_compile)
+    result = run_offline(resolve_model_path(args.dense), resolve_model_path(args.factored), config)
+    result["command"] = _command_line(args)
+    table = format_markdown(result, result["command"])
+    if args.md_out:
+        _write_atomic(args.md_out, table)
+    if args.json_out:
+        _write_atomic(args.json_out, json.dumps(result, indent=2) + "\n")
+    print(table)
+    print(json.dumps(result))
     return 0

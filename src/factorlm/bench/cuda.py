@@ -1,0 +1,125 @@
+"""The torch runtime on a CUDA GPU for the offline benchmark: bf16 weights, a static KV
+cache, the one-token decode step compiled with CUDA graphs, timed with CUDA events.
+
+Decode at batch 1 on a GPU is dominated by kernel-launch overhead unless the step is
+replayed as a CUDA graph; a static cache (fixed shapes, in-place updates) is what makes
+the step capturable. ``StaticGreedyDecoder`` is device-generic (the CPU tests run it
+eagerly and check it against the DynamicCache loop); ``CudaTorchRunner`` adds bf16,
+``torch.compile(mode="reduce-overhead")`` and CUDA-event timing, and refuses to load
+without a GPU so the benchmark skips it cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .runner import BenchConfig, EngineUnavailable, RunTiming, as_prompt_lists
+
+log = logging.getLogger(__name__)
+
+
+class StaticGreedyDecoder:
+    """Greedy generation for a fixed batch size against a ``StaticCache`` of ``max_cache_len`` tokens.
+
+    With ``compile=True`` the decode step goes through ``torch.compile(mode="reduce-overhead")``,
+    which captures it as a CUDA graph on GPU; prefill always runs eagerly (its shape varies).
+    """
+
+    def __init__(self, model: Any, max_cache_len: int, compile: bool = False) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.max_cache_len = max_cache_len
+        self.compiled = compile
+        self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+            torch.compile(self._eager_step, mode="reduce-overhead", fullgraph=True) if compile else self._eager_step)
+
+    def _eager_step(self, token: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=token, cache_position=cache_position, past_key_values=self.cache,
+                            use_cache=True).logits[:, -1]
+        return logits.argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reset the cache, run the prompt [B, T], return the first new token [B, 1]."""
+        if ids.shape[1] >= self.max_cache_len:
+            raise ValueError(f"prompt of {ids.shape[1]} tokens does not fit a cache of {self.max_cache_len}")
+        if self.cache.is_initialized:
+            self.cache.reset()
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        logits = self.model(input_ids=ids, cache_position=pos, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1).logits[:, -1]
+        return logits.argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Feed ``token`` [B, 1] at cache slot ``position``; return the next token (a fresh tensor)."""
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # graph outputs are reused: clone before the next replay
+        cache_position = torch.tensor([position], device=token.device)
+        return self._step(token, cache_position).clone()
+
+    def generate(self, ids: torch.Tensor, new_tokens: int,
+                 marks: Callable[[str], None] | None = None) -> torch.Tensor:
+        """Greedy tokens [B, new_tokens]; ``marks('first')`` / ``marks('end')`` let a caller time the phases."""
+        if ids.shape[1] + new_tokens > self.max_cache_len:
+            raise ValueError(f"{ids.shape[1]} + {new_tokens} tokens exceed the cache of {self.max_cache_len}")
+        token = self.prefill(ids)
+        if marks:
+            marks("first")
+        out = [token]
+        for i in range(new_tokens - 1):
+            token = self.step(token, ids.shape[1] + i)
+            out.append(token)
+        if marks:
+            marks("end")
+        return torch.cat(out, dim=1)
+
+
+class CudaTorchRunner:
+    """The factorlm torch runtime on CUDA in bf16 with one compiled static-cache decoder per batch size."""
+
+    element_bytes = 2
+    kv_element_bytes = 2
+    file_weight_bytes = None
+    max_batch = None
+    memory_kind = "cuda"
+
+    def __init__(self, model_dir: Path, config: BenchConfig) -> None:
+        if not torch.cuda.is_available():
+            raise EngineUnavailable("no CUDA device visible to torch (torch.cuda.is_available() is False)")
+        from ..runtime.checkpoint import load_model
+
+        self.model = load_model(model_dir, dtype=torch.bfloat16, device="cuda")
+        self.max_cache_len = config.prompt_tokens + config.new_tokens + 8
+        self.compile = config.compile
+        self.decoders: dict[int, StaticGreedyDecoder] = {}
+        self.last_tokens: list[list[int]] = []
+
+    def run(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> RunTiming:
+        ids = torch.tensor(as_prompt_lists(prompts), device="cuda")
+        batch = ids.shape[0]
+        if batch not in self.decoders:
+            self.decoders[batch] = StaticGreedyDecoder(self.model, self.max_cache_len, compile=self.compile)
+        events = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "first", "end")}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        events["start"].record()
+        tokens = self.decoders[batch].generate(ids, new_tokens, marks=lambda k: events[k].record())
+        torch.cuda.synchronize()
+        self.last_tokens = tokens.tolist()
+        ttft = events["start"].elapsed_time(events["first"]) / 1e3
+        decode = events["first"].elapsed_time(events["end"]) / 1e3
+        return RunTiming(ttft, decode, batch, ids.shape[1], new_tokens,
+                         peak_memory_bytes=torch.cuda.max_memory_allocated())
+
+    def close(self) -> None:
+        self.decoders.clear()
+        del self.model
+        torch.cuda.empty_cache()

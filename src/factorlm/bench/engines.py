@@ -1,0 +1,262 @@
+"""Engine adapters of the offline benchmark: torch runtime, ONNX Runtime, vLLM, llama.cpp.
+
+Each adapter loads one model and runs greedy generation for a batch of equal-length
+prompts, timing prefill (to the first token) and the decode steps separately. Optional
+packages (onnxruntime, vllm, llama_cpp) are imported only when their engine loads; a
+missing package or a model the engine cannot load becomes ``EngineUnavailable`` with
+the reason, so the rest of the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .runner import BenchConfig, EngineSpec, EngineUnavailable, RunTiming, as_prompt_lists, register_engine
+
+log = logging.getLogger(__name__)
+
+
+class TorchRunner:
+    """The factorlm torch runtime on CPU: ``load_model`` and a DynamicCache greedy loop."""
+
+    kv_element_bytes = 4
+    file_weight_bytes = None
+    max_batch = None
+    memory_kind = "rss"
+
+    def __init__(self, model_dir: Path, config: BenchConfig) -> None:
+        from ..runtime.checkpoint import load_model
+
+        torch.set_num_threads(config.threads)
+        self.model = load_model(model_dir)
+        self.element_bytes = next(self.model.parameters()).element_size()
+        self.kv_element_bytes = self.element_bytes
+        self.last_tokens: list[list[int]] = []
+
+    @torch.inference_mode()
+    def run(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> RunTiming:
+        from transformers import DynamicCache
+
+        ids = torch.tensor(as_prompt_lists(prompts))
+        cache = DynamicCache(config=self.model.config)
+        t0 = time.perf_counter()
+        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        out = [token]
+        for _ in range(new_tokens - 1):
+            logits = self.model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            out.append(token)
+        t2 = time.perf_counter()
+        self.last_tokens = torch.cat(out, dim=1).tolist()
+        return RunTiming(t1 - t0, t2 - t1, ids.shape[0], ids.shape[1], new_tokens)
+
+    def close(self) -> None:
+        del self.model
+
+
+def load_torch(model_dir: Path, variant: str, config: BenchConfig) -> Any:
+    """CPU: ``TorchRunner``; CUDA: the bf16 static-cache runner of ``factorlm.bench.cuda``."""
+    if config.device == "cuda":
+        from .cuda import CudaTorchRunner
+
+        return CudaTorchRunner(model_dir, config)
+    return TorchRunner(model_dir, config)
+
+
+def folder_fingerprint(model_dir: Path) -> str:
+    """Short hash of a model folder's config and weight files (name, size, mtime)."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def onnx_folder(model_dir: Path, variant: str, config: BenchConfig) -> Path:
+    """The ONNX export to run: given with ``onnx_dirs``, else cached by fingerprint, exported once."""
+    if variant in config.onnx_dirs:
+        return config.onnx_dirs[variant]
+    from ..sample_model import cache_root
+
+    out = cache_root() / "bench-onnx" / f"{model_dir.name}-{folder_fingerprint(model_dir)}"
+    if not (out / "factorlm_onnx.json").is_file():
+        from ..exporters.onnx import export_onnx
+
+        log.info("no ONNX export of %s yet; exporting to %s (takes minutes for a 100M model)", model_dir, out)
+        export_onnx(model_dir, out, overwrite=True, threads=config.threads)
+    return out
+
+
+class OnnxRunner:
+    """ONNX Runtime through ``OnnxGenerator`` (IOBinding, cache kept as OrtValues), greedy."""
+
+    file_weight_bytes = None
+    max_batch = None
+    memory_kind = "rss"
+
+    def __init__(self, onnx_dir: Path, config: BenchConfig) -> None:
+        try:
+            from ..exporters.onnx import OnnxGenerator
+        except ImportError as exc:
+            raise EngineUnavailable(f"onnxruntime is not installed ({exc}); install the 'onnx' extra") from exc
+        self.gen = OnnxGenerator(onnx_dir, threads=config.threads, device=config.device)
+        self.element_bytes = 2 if self.gen.meta.get("dtype") == "fp16" else 4
+        self.kv_element_bytes = np.dtype(self.gen.kv_dtype).itemsize
+        self.last_tokens: list[list[int]] = []
+
+    def _empty_past(self, batch: int) -> list[Any]:
+        import onnxruntime as ort
+
+        shape = self.gen.shape
+        empty = np.zeros((batch, shape.num_kv_heads, 0, shape.head_dim), self.gen.kv_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(empty, self.gen.device, 0) for _ in self.gen.past_names]
+
+    def run(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> RunTiming:
+        rows = as_prompt_lists(prompts)
+        ids = np.asarray(rows, np.int64)
+        batch, width = ids.shape
+        mask = np.ones((batch, width), np.int64)
+        pos = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width))
+        t0 = time.perf_counter()
+        logits, past = self.gen.step(ids, mask, pos, self._empty_past(batch))
+        token = logits.argmax(-1).reshape(batch, 1)
+        t1 = time.perf_counter()
+        out = [token]
+        for _ in range(new_tokens - 1):
+            mask = np.ones((batch, mask.shape[1] + 1), np.int64)
+            pos = np.full((batch, 1), mask.shape[1] - 1, np.int64)
+            logits, past = self.gen.step(token, mask, pos, past)
+            token = logits.argmax(-1).reshape(batch, 1)
+            out.append(token)
+        t2 = time.perf_counter()
+        self.last_tokens = np.concatenate(out, axis=1).tolist()
+        return RunTiming(t1 - t0, t2 - t1, batch, width, new_tokens)
+
+    def close(self) -> None:
+        del self.gen
+
+
+def load_onnx(model_dir: Path, variant: str, config: BenchConfig) -> OnnxRunner:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise EngineUnavailable(f"onnxruntime is not installed ({exc}); install the 'onnx' extra") from exc
+    return OnnxRunner(onnx_folder(model_dir, variant, config), config)
+
+
+class VllmRunner:
+    """vLLM's offline ``LLM`` in this process; decode time = T(N tokens) - T(1 token), prefix cache off."""
+
+    file_weight_bytes = None
+    memory_kind = "rss"
+
+    def __init__(self, model_dir: Path, config: BenchConfig) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: seconds, not a minute
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise EngineUnavailable(f"vllm is not installed ({exc}); install the 'vllm' extra") from exc
+        self.max_batch = max(config.batches)
+        self.element_bytes = 4 if config.device == "cpu" else 2
+        self.kv_element_bytes = self.element_bytes
+        try:
+            self.llm = LLM(model=str(model_dir), dtype="float32" if config.device == "cpu" else "bfloat16",
+                           max_model_len=config.prompt_tokens + config.new_tokens + 16, max_num_seqs=self.max_batch,
+                           enforce_eager=True, enable_prefix_caching=False, seed=0,
+                           kv_cache_memory_bytes=256 * 2**20)
+        except Exception as exc:  # noqa: BLE001 - any load failure means "cannot run this model here"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineUnavailable(f"vllm.LLM could not load {model_dir}: {type(exc).__name__}: {first}") from exc
+
+    def _generate(self, rows: list[list[int]], max_tokens: int) -> float:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+        return time.perf_counter() - t0
+
+    def run(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> RunTiming:
+        rows = as_prompt_lists(prompts)
+        first = self._generate(rows, 1)
+        full = self._generate(rows, new_tokens)
+        return RunTiming(first, max(full - first, 1e-9), len(rows), len(rows[0]), new_tokens)
+
+    def close(self) -> None:
+        del self.llm
+
+
+def load_vllm(model_dir: Path, variant: str, config: BenchConfig) -> VllmRunner:
+    return VllmRunner(model_dir, config)
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python on a GGUF file; one sequence at a time."""
+
+    element_bytes = 1  # unused: the GGUF's size is what a step reads
+    kv_element_bytes = 2  # llama.cpp keeps the KV cache in f16 by default
+    max_batch = 1
+    memory_kind = "rss"
+
+    def __init__(self, gguf: Path, config: BenchConfig) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise EngineUnavailable(f"llama-cpp-python is not installed ({exc}); pip install llama-cpp-python") from exc
+        if config.device != "cpu":
+            raise EngineUnavailable("the llama.cpp peer is benchmarked on CPU only")
+        self.file_weight_bytes = gguf.stat().st_size
+        self.llm = Llama(model_path=str(gguf), n_ctx=config.prompt_tokens + config.new_tokens + 16,
+                         n_threads=config.threads, n_threads_batch=config.threads, n_batch=512, seed=0,
+                         verbose=False)
+        self.last_tokens: list[list[int]] = []
+
+    def run(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> RunTiming:
+        rows = as_prompt_lists(prompts)
+        if len(rows) != 1:
+            raise EngineUnavailable("llama-cpp-python decodes one sequence at a time (batch 1 only)")
+        self.llm.reset()  # no prefix reuse from the previous run
+        t0 = time.perf_counter()
+        stream = self.llm.generate(rows[0], top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        out = [next(stream)]
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out.append(next(stream))
+        t2 = time.perf_counter()
+        stream.close()
+        self.last_tokens = [out]
+        return RunTiming(t1 - t0, t2 - t1, 1, len(rows[0]), new_tokens)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def gguf_variant(dense: Path, factored: Path, config: BenchConfig) -> dict[str, Path]:
+    """llama.cpp runs the GGUF given with ``gguf`` (there is no factored GGUF)."""
+    if config.gguf is None:
+        return {}
+    return {"gguf-" + config.gguf.stem.rsplit(".", 1)[-1].lower(): config.gguf}
+
+
+def load_llamacpp(model_file: Path, variant: str, config: BenchConfig) -> LlamaCppRunner:
+    return LlamaCppRunner(model_file, config)
+
+
+register_engine(EngineSpec("torch", load_torch, description="factorlm torch runtime (CPU fp32; CUDA bf16 static cache)"))
+register_engine(EngineSpec("onnx", load_onnx, description="ONNX Runtime via factorlm export onnx"))
+register_engine(EngineSpec("vllm", load_vllm, description="vLLM offline LLM (needs the factorlm plugin for factored)"))
+register_engine(EngineSpec("llamacpp", load_llamacpp, variants=gguf_variant, description="llama.cpp on a GGUF"))
