@@ -1,4 +1,4 @@
-"""``factorlm eval ppl DIR --text FILE``: perplexity of a dense or factored model."""
+"""``factorlm eval ppl|zeroshot DIR``: perplexity and zero-shot accuracy of a dense or factored model."""
 
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ppl.set_defaults(func=run_ppl)
+    zs = sub.add_parser("zeroshot", help="zero-shot multiple-choice accuracy (lm-eval's acc / acc_norm)")
+    zs.add_argument("model", help="dense or factored model folder, or 'sample'")
+    zs.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq",
+                    help="comma-separated tasks: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, "
+                         "lambada, mmlu (default: the first six)")
+    zs.add_argument("--limit", type=int, default=None, help="score a seeded subset of N rows per task (default: all)")
+    zs.add_argument("--seed", type=int, default=1234, help="subset seed; the same seed gives every model the same rows")
+    zs.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    zs.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
+    zs.add_argument("--output", default=None, help="write the JSON report to this file")
+    zs.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
+    zs.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    zs.set_defaults(func=run_zeroshot)
 
 
 def run_ppl(args: argparse.Namespace) -> int:
@@ -33,4 +47,33 @@ def run_ppl(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(result)))
     else:
         print(f"perplexity {result.ppl:.4f} over {result.tokens_scored} tokens in {result.windows} window(s)")
+    return 0
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    from ..eval.zeroshot import evaluate_zeroshot, write_json_atomic
+    from ..runtime.checkpoint import load_model, load_tokenizer
+    from .common import resolve_model_path
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    path = resolve_model_path(args.model)
+    model = load_model(path).eval()
+    report = evaluate_zeroshot(model, load_tokenizer(path), tasks, limit=args.limit, seed=args.seed,
+                               batch_size=args.batch_size, progress=not args.no_progress)
+    report["model"] = str(path)
+    if args.output:
+        write_json_atomic(args.output, report)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{'task':<14} {'n':>6} {'acc':>8} {'stderr':>8} {'acc_norm':>9} {'stderr':>8}")
+    for name, r in report["tasks"].items():
+        norm = (f"{r['acc_norm']:9.4f} {r['acc_norm_stderr'] or 0:8.4f}" if r["acc_norm"] is not None
+                else f"{'-':>9} {'-':>8}")
+        print(f"{name:<14} {r['n']:>6} {r['acc']:8.4f} {r['acc_stderr'] or 0:8.4f} {norm}")
+    print(f"average acc {report['average']:.4f}  (acc_norm where defined: {report['average_norm']:.4f})")
     return 0
