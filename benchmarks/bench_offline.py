@@ -1,0 +1,93 @@
+"""Offline decode/prefill benchmark on the sample model: dense vs plain-SVD factored copies.
+
+A thin driver over ``factorlm.bench.offline`` (the same harness as ``factorlm bench
+offline``): compresses the sample model with plain SVD at each keep ratio (decode speed
+depends only on the ranks, not on how the factors were fitted), runs the chosen engines
+with dense and factored interleaved, and writes results/offline_<tag>.{json,md}. With
+several ``--keep`` values it runs one harness pass per keep ratio (dense re-measured in
+each, so every ratio comes from one run) and writes the sweep the plots read.
+
+    python benchmarks/bench_offline.py --keep 0.5 --engines torch,onnx --batch 1,4 --repeats 5
+    python benchmarks/bench_offline.py --keep 0.3 0.5 0.7 0.9 --engines torch --batch 1,4 --tag sweep-cpu-t1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from factorlm.bench.offline import format_markdown, run_offline
+from factorlm.bench.runner import BenchConfig
+from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint
+from factorlm.sample_model import cache_root, find_gguf, materialize_sample_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def factored_sample(keep: float) -> Path:
+    """The folder ``factorlm compress sample --method svd --keep KEEP -o <cache>/bench-svd-keepKEEP`` writes."""
+    path = cache_root() / f"bench-svd-keep{keep}"
+    if not (path / "config.json").is_file():
+        compress_checkpoint(materialize_sample_model(), path, CompressionRecipe(method="svd", keep=keep), progress=False)
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--engines", default="torch,onnx")
+    ap.add_argument("--batch", default="1,4")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--onnx-dense", type=Path, help="existing ONNX export of the dense sample model")
+    ap.add_argument("--onnx-factored", type=Path, help="existing ONNX export of the factored copy (single --keep)")
+    ap.add_argument("--gguf", action="store_true", help="add the llama.cpp engine on the sample model's Q4_1 GGUF")
+    ap.add_argument("--tag", default=None, help="result file tag (default: <device>-t<threads>-keep<keep>)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    engines = [e for e in args.engines.split(",") if e] + (["llamacpp"] if args.gguf else [])
+    onnx_dirs = {k: v for k, v in (("dense", args.onnx_dense), ("factored", args.onnx_factored)) if v}
+    dense = materialize_sample_model()
+    command = "python benchmarks/bench_offline.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    runs = []
+    for keep in args.keep:
+        config = BenchConfig(engines=engines, batches=[int(b) for b in args.batch.split(",")],
+                             prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
+                             threads=args.threads, device=args.device,
+                             onnx_dirs=onnx_dirs if len(args.keep) == 1 else {k: v for k, v in onnx_dirs.items()
+                                                                               if k == "dense"},
+                             gguf=find_gguf() if args.gguf else None)
+        result = run_offline(dense, factored_sample(keep), config)
+        result.update(keep=keep, method="svd", command=command)
+        runs.append(result)
+        print(format_markdown(result, command), flush=True)
+
+    tag = args.tag or f"{args.device}-t{args.threads}-keep{args.keep[0]}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if len(runs) == 1:
+        payload, text = runs[0], format_markdown(runs[0], command)
+    else:
+        payload = {"bench": "offline-sweep", "method": "svd", "keeps": args.keep, "command": command, "runs": runs}
+        text = "\n".join(f"## keep {r['keep']}\n\n" + format_markdown(r, command) for r in runs)
+    write_atomic(RESULTS / f"offline_{tag}.json", json.dumps(payload, indent=2) + "\n")
+    write_atomic(RESULTS / f"offline_{tag}.md", text)
+    print(json.dumps(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
