@@ -104,7 +104,7 @@ def compress_blocks(
         started = time.perf_counter()
         bstats = None
         if streaming:
-            bstats = block_statistics(block, names, student, teacher, kwargs, device, where=f"block {index}")
+            bstats = block_statistics(block, names, student, teacher, kwargs, device, where=prefix)
         dense_block = copy.deepcopy(block) if hooks else None
         stats_time = time.perf_counter() - started
         ranks: dict[str, int | None] = {}
@@ -145,7 +145,7 @@ def compress_blocks(
             with torch.no_grad():
                 nxt = [run_block(block, x.to(device), kwargs).to("cpu") for x in student]
             for t in nxt:
-                check_finite_activations(t, f"block {index} output")
+                check_finite_activations(t, f"output of block {prefix}")
             if teacher is not None:
                 teacher = bstats.teacher_out if bstats is not None and bstats.teacher_out is not None else None
             student = nxt
@@ -215,7 +215,7 @@ def spectra_pass(
         prefix = f"{spec.layers_path}.{index}"
         block.to(device)
         kwargs = to_device(captured.block_kwargs[index], device)
-        bstats = block_statistics(block, names, dense, None, kwargs, device, where=f"block {index}")
+        bstats = block_statistics(block, names, dense, None, kwargs, device, where=prefix)
         for local in names:
             full = f"{prefix}.{local}"
             lin = block.get_submodule(local)

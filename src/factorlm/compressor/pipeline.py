@@ -26,7 +26,7 @@ from ..runtime.arch import compressible_linears
 from ..runtime.checkpoint import load_model, load_tokenizer, save_factored
 from ..runtime.format import FactoredConfig, FactorlmError
 from .allocation import AraConfig
-from .blockwise import compress_blocks, spectra_pass, weight_spectra
+from .blockwise import check_finite_weight, compress_blocks, spectra_pass, weight_spectra
 from .budget import count_params, kept_params, shapes_of
 from .hooks import BlockHook
 from .methods import METHODS, MethodOptions, get_method
@@ -98,6 +98,8 @@ def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Ten
         raise FactorlmError("--device cuda was given but no CUDA device is available")
     opts = MethodOptions(damping=recipe.damping, beta=recipe.beta)
     linears = compressible_linears(model)
+    for name, module in linears.items():
+        check_finite_weight(name, module.weight)
     shapes = shapes_of(linears)
     params_before = count_params(model)
     reserved = sum(int(h.reserved_params({n: (s.out_features, s.in_features) for n, s in shapes.items()}))

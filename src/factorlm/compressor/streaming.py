@@ -23,7 +23,6 @@ from torch import nn
 from ..runtime.arch import decoder_layers, get_arch
 from ..runtime.format import FactorlmError
 from .methods import InputStats
-from .whitening import accumulate_cross, accumulate_gram
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +120,16 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
 
 @contextlib.contextmanager
 def record_inputs(block: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the input tensor of every named linear of ``block`` during the forwards inside."""
+    """Record the input tensor of every named linear of ``block`` during the forwards inside.
+
+    Use under ``torch.no_grad()``: the tensors are kept as passed (not detached copies), so that
+    linears fed the very same tensor (q/k/v, gate/up) can be recognised and share statistics.
+    """
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
         def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
-            seen[name] = inputs[0].detach()
+            seen[name] = inputs[0]  # the object itself: linears reading one tensor are grouped by identity
         handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
     try:
         yield seen
@@ -165,7 +168,7 @@ class BlockStats:
 def block_statistics(
     block: nn.Module, names: Sequence[str], student_in: Sequence[torch.Tensor],
     teacher_in: Sequence[torch.Tensor] | None, kwargs: dict[str, Any], device: torch.device,
-    *, where: str = "block",
+    *, where: str = "",
 ) -> BlockStats:
     """Run the (still dense) block on both streams and accumulate each linear's statistics.
 
@@ -202,18 +205,24 @@ def block_statistics(
                 continue
             done.add(id(st))
             x = s_seen[name]
-            check_finite_activations(x, f"{where} {name}")
+            check_finite_activations(x, f"layer {where + '.' if where else ''}{name}")
             flat = x.reshape(-1, x.shape[-1])
-            st.gram = accumulate_gram(st.gram, flat)
+            st.gram = _add(st.gram, flat.float().T @ flat.float())
             a = flat.double().abs().sum(0)
             st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
             st.count += flat.shape[0]
             if t_seen is not None and t_seen is not s_seen:
-                st.cross = accumulate_cross(st.cross, t_seen[name], flat)
+                xt = t_seen[name].reshape(flat.shape)
+                st.cross = _add(st.cross, (xt.float() - flat.float()).T @ flat.float())
             elif t_seen is not None:
                 zero = torch.zeros(flat.shape[-1], flat.shape[-1], dtype=torch.float64, device=flat.device)
                 st.cross = zero if st.cross is None else st.cross
     return BlockStats(stats, student_out, teacher_out)
+
+
+def _add(total: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
+    """Accumulate a per-batch statistic (computed in fp32, fast) into an fp64 running sum."""
+    return update.double() if total is None else total + update.double()
 
 
 def _group(stats: dict[str, InputStats], names: Sequence[str], seen: dict[str, torch.Tensor]) -> None:
