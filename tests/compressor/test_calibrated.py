@@ -1,4 +1,4 @@
-"""asvd / svd-llm through the compress pipeline on a tiny model."""
+"""asvd / svd-llm through the compress pipeline on a tiny model; calibration windows."""
 
 import pytest
 import torch
@@ -28,22 +28,27 @@ def test_compress_cli_calibrated(tmp_path, method):
 
 
 def test_svdllm_output_error_below_svd():
-    from factorlm.compressor.calibrated import calibration_ids, collect_input_stats, factorize_with_stats
+    from factorlm.compressor.methods import MethodOptions, get_method
+    from factorlm.compressor.streaming import block_statistics, capture_block_inputs, split_batches
     from factorlm.compressor.whitening import svd_factors
-    from factorlm.runtime.arch import compressible_linears
+    from factorlm.runtime.arch import decoder_layers, get_arch
     from factorlm.testing import make_tiny_model
 
     torch.set_num_threads(1)
     model, tok = make_tiny_model()
-    linears = compressible_linears(model)
     ids = torch.tensor(tok(TEXT, add_special_tokens=False)["input_ids"])[:128].reshape(4, 32)
-    stats = collect_input_stats(model, linears, ids)
-    name, lin = next(iter(linears.items()))
-    w = lin.weight.detach().double()
+    captured = capture_block_inputs(model, split_batches(ids, 2))
+    names = get_arch(model.config).block_linear_names()
+    block = decoder_layers(model)[0]
+    with torch.no_grad():
+        stats = block_statistics(block, names, captured.hidden, None, captured.block_kwargs[0], torch.device("cpu")).stats
+    name = names[0]
+    w = block.get_submodule(name).weight.detach().double()
     rank = min(w.shape) // 3
-    u, v, _ = factorize_with_stats("svd-llm", w, stats[name], rank)
+    u, v, _ = get_method("svd-llm").factorize(w, stats[name], rank, MethodOptions())
     a, b = svd_factors(w, rank)
-    gram = stats[name]["gram"]
+    gram = stats[name].gram
+
     def err(m):
         d = w - m
         return float(torch.trace(d @ gram @ d.T))
@@ -51,14 +56,14 @@ def test_svdllm_output_error_below_svd():
 
 
 def test_calibration_too_short(tmp_path):
-    from factorlm.compressor.calibrated import calibration_ids
+    from factorlm.compressor.calib_sources import calibration_windows
     from factorlm.testing import make_tiny_model
 
     _, tok = make_tiny_model()
     p = tmp_path / "c.txt"
     p.write_text("short")
     with pytest.raises(FactorlmError, match="too short"):
-        calibration_ids(tok, p, 2, 64)
+        calibration_windows(tok, p, 2, 64)
     p.write_text("  ")
     with pytest.raises(FactorlmError, match="empty"):
-        calibration_ids(tok, p, 2, 64)
+        calibration_windows(tok, p, 2, 64)
