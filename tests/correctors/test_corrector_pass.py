@@ -130,3 +130,44 @@ def test_config_errors():
         CorrectorConfig(rank=0)
     with pytest.raises(FactorlmError, match="train"):
         CorrectorConfig(train="everything")
+
+
+def test_compress_cli_with_correctors_end_to_end(tmp_path, capsys):
+    """--corrector through the real pipeline: budget kept, ranks grown by the corrector, PNG, loadable."""
+    import json
+
+    from factorlm.cli import main
+    from factorlm.runtime.checkpoint import load_model
+    from factorlm.testing import save_tiny_dense
+
+    src = save_tiny_dense(tmp_path / "dense", "llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(("A factored layer keeps the strongest directions of its inputs. " * 40 + "\n") * 4)
+    out = tmp_path / "out"
+    assert main(["compress", str(src), "-o", str(out), "--method", "svd-llm", "--keep", "0.7", "--calib", str(calib),
+                 "--calib-samples", "4", "--calib-len", "32", "--corrector", "8", "--corrector-steps", "5",
+                 "--corrector-layer-steps", "3", "--no-progress"]) == 0
+    assert "correctors:" in capsys.readouterr().out
+    report = json.loads((out / "factorlm_report.json").read_text())
+    totals = report["totals"]
+    assert totals["linear_keep"] <= 0.7 + 1e-9
+    rows = [r for r in report["layers"] if not r["dense"]]
+    assert rows and all(r["corrector_rank"] == 8 and r["saved_rank"] == r["rank"] + 8 for r in rows)
+    assert totals["hooks"]["corrector_params"] == sum(8 * sum(r["shape"]) for r in rows)
+    assert (out / "factorlm_corrector_loss.png").read_bytes()[:4] == b"\x89PNG"
+    model = load_model(out)
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, FactoredLinear)}
+    assert ranks == {r["module"]: r["saved_rank"] for r in rows}
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_bad_corrector_flag_is_a_clear_error(tmp_path, capsys):
+    from factorlm.cli import main
+    from factorlm.testing import save_tiny_dense
+
+    src = save_tiny_dense(tmp_path / "dense", "llama")
+    assert main(["compress", str(src), "-o", str(tmp_path / "o"), "--corrector", "big"]) == 2
+    assert "--corrector must be 'auto' or a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -32,6 +32,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="device the blocks are processed on, e.g. cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per block forward (default 4)")
     p.add_argument("--beta", type=float, default=None, help="saes: fixed beta instead of ACES per layer")
+    corr = p.add_argument_group("correctors (CALR: trained low-rank correctors, folded into the factors at save)")
+    corr.add_argument("--corrector", default=None, metavar="auto|RANK",
+                      help="add a corrector to every factored layer: 'auto' sizes ranks from the residual energy "
+                           "within --corrector-fraction of the linear parameters; an integer fixes the rank. "
+                           "Corrector parameters count in --keep/--reduction")
+    corr.add_argument("--corrector-fraction", type=float, default=0.03,
+                      help="auto: fraction of the dense linear parameters spent on correctors (default 0.03)")
+    corr.add_argument("--corrector-steps", type=int, default=100,
+                      help="block-level training steps per block (default 100; 0 = closed form only)")
+    corr.add_argument("--corrector-layer-steps", type=int, default=50,
+                      help="per-layer training steps before the block stage (default 50)")
+    corr.add_argument("--corrector-distill-steps", type=int, default=0,
+                      help="end-to-end KL distillation steps on the logits after the last block (default 0)")
+    corr.add_argument("--corrector-lr", type=float, default=1e-3, help="learning rate of the layer/block stages")
+    corr.add_argument("--corrector-train", choices=("corrector", "all"), default="corrector",
+                      help="train the correctors only, or the factors too (default: corrector)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -51,8 +67,24 @@ def build_recipe(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe,
 
 
 def build_hooks(args: argparse.Namespace) -> list:
-    """Block hooks selected by flags (none by default; extension point for corrector flags)."""
-    return []
+    """Block hooks selected by flags: the CALR corrector step when ``--corrector`` is given."""
+    if getattr(args, "corrector", None) is None:
+        return []
+    from ..compressor.corrector_pass import CorrectorConfig, CorrectorHook
+    from ..runtime.format import FactorlmError
+
+    if args.corrector == "auto":
+        rank = None
+    else:
+        try:
+            rank = int(args.corrector)
+        except ValueError:
+            raise FactorlmError(f"--corrector must be 'auto' or a positive integer, got {args.corrector!r}") from None
+    config = CorrectorConfig(rank=rank, fraction=args.corrector_fraction, layer_steps=args.corrector_layer_steps,
+                             block_steps=args.corrector_steps, distill_steps=args.corrector_distill_steps,
+                             lr=args.corrector_lr, train=args.corrector_train, multiple=args.rank_multiple,
+                             seed=args.seed)
+    return [CorrectorHook(config)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
 
     model_path = resolve_model_path(args.model)
     recipe = build_recipe(args)
+    hooks = build_hooks(args)
+    for hook in hooks:
+        recipe.extra["corrector"] = {k: getattr(hook.config, k) for k in hook.config.__dataclass_fields__}
     path, report = compress_checkpoint(model_path, args.output, recipe, overwrite=args.overwrite,
-                                       progress=not args.no_progress, hooks=build_hooks(args))
+                                       progress=not args.no_progress, hooks=hooks)
     print(format_totals(report["totals"]))
     print(f"saved factored checkpoint to {path}")
     return 0
@@ -76,4 +111,6 @@ def format_totals(t: dict) -> str:
         f"whole-model parameters:  {t['model_params_before']:,} -> {t['model_params_after']:,} "
         f"(kept {t['model_keep']:.1%}, removed {1 - t['model_keep']:.1%})\n"
         f"modules: {t['factored_modules']} factored, {t['dense_modules']} kept dense"
+        + (f"\ncorrectors: {t['hooks']['corrector_params']:,} parameters in {t['hooks']['corrected_modules']} "
+           f"modules (folded into the factors)" if "corrector_params" in t.get("hooks", {}) else "")
     )

@@ -38,6 +38,7 @@ from .whitening import accumulate_gram
 
 logger = logging.getLogger(__name__)
 
+LOSS_PNG = "factorlm_corrector_loss.png"
 MAX_LAYER_ROWS = 16384  # activation rows kept per layer for the per-layer stage
 
 
@@ -180,22 +181,25 @@ class CorrectorHook:
         cfg = self.config
         started = time.perf_counter()
         names = [n for n in ctx.linear_names if isinstance(ctx.block.get_submodule(n), FactoredLinear)]
+        student = [x.to(ctx.device) for x in ctx.student_inputs]
+        teacher = [x.to(ctx.device) for x in ctx.teacher_inputs]
         with torch.no_grad():
-            targets = [block_output(ctx.dense_block, x, ctx.block_kwargs) for x in ctx.teacher_inputs]
+            targets = [block_output(ctx.dense_block, x, ctx.block_kwargs) for x in teacher]
         if ctx.index == ctx.num_blocks - 1:
             self._teacher_final = [t.detach().cpu() for t in targets]
         if not names:
             return {}
-        error_before = relative_block_error(ctx.block, ctx.student_inputs, targets, ctx.block_kwargs)
-        student_rows = capture_inputs(ctx.block, names, ctx.student_inputs, ctx.block_kwargs)
-        teacher_rows = capture_inputs(ctx.dense_block, names, ctx.teacher_inputs, ctx.block_kwargs)
+        error_before = relative_block_error(ctx.block, student, targets, ctx.block_kwargs)
+        student_rows = capture_inputs(ctx.block, names, student, ctx.block_kwargs)
+        teacher_rows = capture_inputs(ctx.dense_block, names, teacher, ctx.block_kwargs)
         dense = {n: ctx.dense_block.get_submodule(n) for n in names}
         residuals, grams = {}, {}
         for n in names:
             layer = ctx.block.get_submodule(n)
             w = dense[n].weight.detach().double()
             residuals[n] = w - layer.weight_u.detach().double() @ layer.weight_v.detach().double()
-            grams[n] = ctx.grams.get(n) if n in ctx.grams else accumulate_gram(None, student_rows[n])
+            gram = ctx.grams.get(n)
+            grams[n] = (gram if gram is not None else accumulate_gram(None, student_rows[n])).to(w.device)
         ranks = self._ranks(ctx, residuals, grams, teacher_rows, dense)
         report: dict[str, dict[str, Any]] = {}
         corrected: dict[str, CorrectedLinear] = {}
@@ -214,7 +218,7 @@ class CorrectorHook:
             corrected[n] = module
             self._spent += c * sum(residuals[n].shape)
         self._seconds["init"] += time.perf_counter() - started
-        error_init = relative_block_error(ctx.block, ctx.student_inputs, targets, ctx.block_kwargs)
+        error_init = relative_block_error(ctx.block, student, targets, ctx.block_kwargs)
         t0 = time.perf_counter()
         if cfg.layer_steps:
             with torch.enable_grad():
@@ -234,7 +238,7 @@ class CorrectorHook:
             for p in frozen:
                 p.requires_grad_(False)
             try:
-                losses = train_block(ctx.block, params, ctx.student_inputs, targets, ctx.block_kwargs,
+                losses = train_block(ctx.block, params, student, targets, ctx.block_kwargs,
                                      cfg.block_steps, cfg.lr, cfg.seed + ctx.index)
             finally:
                 for p, s in zip(frozen, saved):
@@ -244,7 +248,7 @@ class CorrectorHook:
         for m in corrected.values():
             for p in m.parameters():
                 p.requires_grad_(False)
-        error_after = relative_block_error(ctx.block, ctx.student_inputs, targets, ctx.block_kwargs)
+        error_after = relative_block_error(ctx.block, student, targets, ctx.block_kwargs)
         logger.info("block %d: output error %.4f -> %.4f (closed form) -> %.4f (trained)",
                     ctx.index, error_before, error_init, error_after)
         for n in names:
@@ -252,6 +256,11 @@ class CorrectorHook:
                                                block_error_closed_form=round(error_init, 6),
                                                block_error_after=round(error_after, 6))
         return report
+
+    def extra_files(self) -> dict[str, bytes]:
+        """The loss curve, saved in the checkpoint folder as ``factorlm_corrector_loss.png``."""
+        png = loss_curve_png(self.history)
+        return {LOSS_PNG: png} if png else {}
 
     def finalize(self, model: nn.Module, calib_ids: torch.Tensor) -> dict[str, Any]:
         """Optional end-to-end KL distillation, then fold every corrector into its factors."""

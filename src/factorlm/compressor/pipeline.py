@@ -24,6 +24,7 @@ from torch import nn
 
 from ..runtime.arch import compressible_linears
 from ..runtime.checkpoint import load_model, load_tokenizer, save_factored
+from ..runtime.factored_linear import FactoredLinear
 from ..runtime.format import FactoredConfig, FactorlmError
 from .allocation import AraConfig
 from .blockwise import check_finite_weight, compress_blocks, spectra_pass, weight_spectra
@@ -138,7 +139,9 @@ def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Ten
         hook_totals.update(hook.finalize(model, calib) or {})
     factor_time = time.perf_counter() - factor_started
 
-    linear_after = kept_params(shapes, plan)
+    linear_after = kept_params(shapes, plan) if not hooks else linear_weight_params(model)
+    if hooks:
+        sync_rows_with_model(rows, model)
     totals: dict[str, Any] = {
         "method": recipe.method,
         "allocation": recipe.allocation,
@@ -163,6 +166,27 @@ def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Ten
     if hooks:
         totals["hooks"] = hook_totals
     return {"method": recipe.method, "allocation": recipe.allocation, "layers": rows, "totals": totals}
+
+
+def linear_weight_params(model: nn.Module) -> int:
+    """Weight parameters of the compressible linears as they are now (hooks may have added rank)."""
+    total = 0
+    for module in compressible_linears(model).values():
+        if isinstance(module, FactoredLinear):
+            total += module.weight_u.numel() + module.weight_v.numel()
+        else:
+            total += module.weight.numel()
+    return total
+
+
+def sync_rows_with_model(rows: list[dict[str, Any]], model: nn.Module) -> None:
+    """After hooks changed ranks (folded correctors), report the saved rank and parameters per row."""
+    modules = compressible_linears(model)
+    for row in rows:
+        module = modules.get(row["module"])
+        if isinstance(module, FactoredLinear) and row.get("rank") != module.rank:
+            row["saved_rank"] = module.rank
+            row["params_after"] = module.weight_u.numel() + module.weight_v.numel()
 
 
 def compress_checkpoint(
@@ -195,10 +219,12 @@ def compress_checkpoint(
     report = compress_model(model, recipe, calib, hooks=hooks, progress=progress)
     report["totals"]["wall_time_s"] = round(time.perf_counter() - started, 2)
     dense = [row["module"] for row in report["layers"] if row["dense"]]
+    extra_files: dict[str, str | bytes] = {RECIPE_FILE: recipe.to_yaml(), REPORT_FILE: json.dumps(report, indent=2)}
+    for hook in hooks:
+        extra_files.update(getattr(hook, "extra_files", dict)())
     path = save_factored(
         model, out, tokenizer=tokenizer, config=FactoredConfig(ranks={}, dense=dense),
-        extra_files={RECIPE_FILE: recipe.to_yaml(), REPORT_FILE: json.dumps(report, indent=2)},
-        overwrite=overwrite,
+        extra_files=extra_files, overwrite=overwrite,
     )
     return path, report
 
