@@ -14,8 +14,10 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,11 +68,18 @@ def vllm_server_command(model_dir: str, extra_args: Sequence[str] = ()) -> tuple
 
 
 def launch_vllm_server(model_dir: str, extra_args: Sequence[str] = ()) -> int:
-    """Run vLLM's OpenAI server in the foreground until it exits; returns its exit status."""
+    """Run vLLM's OpenAI server in the foreground until it exits; returns its exit status.
+
+    SIGTERM sent to this process is forwarded to the server, and Ctrl-C stops it, so
+    process managers can treat ``factorlm serve --engine vllm`` like the server itself.
+    """
     command, env = vllm_server_command(model_dir, extra_args)
     shown = ["<key>" if i and command[i - 1] == "--api-key" else a for i, a in enumerate(command)]
     logger.info("starting vLLM: %s", " ".join(shown))
     process = subprocess.Popen(command, env=env)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -80,3 +89,6 @@ def launch_vllm_server(model_dir: str, extra_args: Sequence[str] = ()) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
