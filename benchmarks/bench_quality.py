@@ -190,11 +190,28 @@ def report_rows(entries: list[dict[str, Any]], dense_params: int) -> list[dict[s
             continue
         e["model_removed"] = 1 - s["params"] / dense_params
         rep = Path(e["dir"]) / "factorlm_report.json" if e.get("dir") else None
-        e["linear_keep"] = (json.loads(rep.read_text())["totals"].get("linear_keep") if rep and rep.is_file()
-                            else (1.0 if e["name"] == "dense" else None))
+        totals = json.loads(rep.read_text()).get("totals", {}) if rep and rep.is_file() else {}
+        e["method"] = "dense" if e["name"] == "dense" else totals.get("method")
+        e["linear_keep"] = 1.0 if e["name"] == "dense" else totals.get("linear_keep")
         avg = s["zeroshot"]["average"]
         e["retention"] = avg / dense_avg if dense_avg else None
     return entries
+
+
+def flat_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per scored model (the shape benchmarks/plots.py reads from quality_*.json)."""
+    rows = []
+    for e in entries:
+        if not e.get("scores"):
+            continue
+        zs = e["scores"]["zeroshot"]
+        rows.append({"config": e["name"], "method": e.get("method") or e["name"],
+                     "linear_kept_actual": e.get("linear_keep"), "model_params_removed": e.get("model_removed"),
+                     "wikitext2_ppl": e["scores"]["ppl"], "zeroshot_avg": zs["average"],
+                     "retention": e.get("retention"),
+                     **{f"{t}_acc": r["acc"] for t, r in zs["tasks"].items()},
+                     **{f"{t}_acc_norm": r["acc_norm"] for t, r in zs["tasks"].items() if r["acc_norm"] is not None}})
+    return rows
 
 
 def public(obj: Any, wiki: str) -> Any:
@@ -339,7 +356,7 @@ def main() -> int:
             "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])}
     entries, meta = public(entries, args.wikitext), public(meta, args.wikitext)
     RESULTS.mkdir(exist_ok=True)
-    write_json_atomic(RESULTS / f"quality_{tag}.json", {"meta": meta, "entries": entries})
+    write_json_atomic(RESULTS / f"quality_{tag}.json", {"meta": meta, "rows": flat_rows(entries), "entries": entries})
     write_markdown(RESULTS / f"quality_{tag}.md", entries, meta)
     write_plot(RESULTS / f"quality_{tag}.png", entries)
     print(json.dumps({"name": tag, "rows": [{"config": e["name"], "ppl": e.get("scores", {}).get("ppl"),

@@ -1,0 +1,63 @@
+"""benchmarks/bench_quality.py: grids, cache keys, the report table, and a failing config that stays contained."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).parents[2] / "benchmarks" / "bench_quality.py"
+_SPEC = importlib.util.spec_from_file_location("bench_quality", _PATH)
+bq = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bq)
+
+
+def _scores(ppl: float, accs: dict[str, float], params: int) -> dict:
+    tasks = {t: {"acc": a, "acc_norm": (a if t == "piqa" else None), "n": 4} for t, a in accs.items()}
+    return {"ppl": ppl, "params": params, "zeroshot": {"tasks": tasks, "average": sum(accs.values()) / len(accs)}}
+
+
+def test_grids_have_unique_names_and_method_flags():
+    for name, grid in bq.GRIDS.items():
+        configs = grid([0.9, 0.8])
+        assert len({c[0] for c in configs}) == len(configs), name
+    assert ("svd-llm-k0.9", ["--method", "svd-llm", "--keep", "0.9"]) in bq.grid_methods([0.9])
+    assert bq.config_dir("a", ["--keep", "0.9"]) == bq.config_dir("a", ["--keep", "0.9"])
+    assert bq.config_dir("a", ["--keep", "0.9"]) != bq.config_dir("a", ["--keep", "0.8"])
+
+
+def test_report_rows_retention_and_markdown(tmp_path):
+    entries = [{"name": "dense", "scores": _scores(20.0, {"piqa": 0.6, "boolq": 0.6}, 100)},
+               {"name": "svd-k0.9", "scores": _scores(90.0, {"piqa": 0.5, "boolq": 0.4}, 92),
+                "compress": {"wall_s": 12.0, "peak_rss_mib": 900.0, "command": "factorlm compress sample ..."}},
+               {"name": "broken", "error": "factorlm compress: error: unrecognized arguments: --corrector auto"}]
+    bq.report_rows(entries, 100)
+    assert abs(entries[1]["model_removed"] - 0.08) < 1e-12 and abs(entries[1]["retention"] - 0.75) < 1e-12
+    rows = bq.flat_rows(entries)
+    assert [r["config"] for r in rows] == ["dense", "svd-k0.9"] and rows[0]["linear_kept_actual"] == 1.0
+    assert rows[1]["wikitext2_ppl"] == 90.0 and rows[1]["piqa_acc_norm"] == 0.5 and "boolq_acc_norm" not in rows[1]
+    meta = {"name": "t", "settings": {"tasks": ["piqa", "boolq"], "ppl_tokens": 8192, "threads": 1},
+            "calibration": "c", "zeroshot_note": "z", "cpu": "x", "load_start": [1], "load_end": [1], "wall_s": 3.0,
+            "command": "python benchmarks/bench_quality.py"}
+    md = tmp_path / "q.md"
+    bq.write_markdown(md, entries, meta)
+    text = md.read_text()
+    assert "| svd-k0.9 | 8.00 | - | 90.000 | 0.500 / 0.500 | 0.400 / - | 0.4500 | 0.750 | 12.0 | 900 |" in text
+    assert "| broken | failed: factorlm compress: error: unrecognized arguments: --corrector auto |" in text
+
+
+def test_public_hides_home_and_text_path():
+    home = str(Path.home())
+    out = bq.public({"dir": f"{home}/.cache/x", "cmd": "--wikitext /data/wiki.raw"}, "/data/wiki.raw")
+    assert out == {"dir": "~/.cache/x", "cmd": "--wikitext WIKI"}
+
+
+@pytest.mark.slow  # a subprocess that imports the CLI: ~20 s on a busy 2-core machine
+def test_unknown_compressor_flag_fails_only_that_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(bq, "QUALITY", tmp_path)
+    res = bq.compress("bad", ["--method", "svd", "--no-such-flag", "1"], threads=1)
+    assert "unrecognized arguments: --no-such-flag" in res["error"]
+    assert not list(tmp_path.glob("bad-*/config.json"))
+    json.dumps(res)
