@@ -20,6 +20,9 @@ Results: benchmarks/results/quality_<name>.{json,md,png}.
     python benchmarks/bench_quality.py --grid methods --keeps 0.9 --limit 100 --ppl-tokens 8192 \\
         --calib-samples 16 --calib-len 512 --name methods_k0.9
     python benchmarks/bench_quality.py --grid none --config mine=/path/to/factored --name mine
+
+Several processes may run at once (e.g. one ``--only CONFIG`` each, same settings); scores are
+shared through the cache, and a last run over the whole grid only assembles the table.
 """
 
 from __future__ import annotations
@@ -146,11 +149,34 @@ def folder_key(path: Path, settings: dict[str, Any]) -> str:
 
 
 def score(path: Path, wiki: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Perplexity + zero-shot report of one folder, from the score cache when present."""
+    """Perplexity + zero-shot report of one folder, from the score cache when present.
+
+    A lock file next to the cache entry lets several bench processes run side by side (for
+    example one per configuration): a model being scored elsewhere is waited for, not redone.
+    """
     cache = QUALITY / "scores" / f"{folder_key(path, settings)}.json"
-    if cache.is_file():
-        logger.info("scores of %s from cache", path)
-        return json.loads(cache.read_text())
+    lock = cache.with_suffix(".lock")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        if cache.is_file():
+            logger.info("scores of %s from cache", path)
+            return json.loads(cache.read_text())
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if time.time() - lock.stat().st_mtime > 6 * 3600:  # left by a killed run
+                lock.unlink(missing_ok=True)
+            logger.info("%s is being scored by another process; waiting", path)
+            time.sleep(30)
+    try:
+        return _score_now(path, wiki, settings, cache)
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+
+
+def _score_now(path: Path, wiki: str, settings: dict[str, Any], cache: Path) -> dict[str, Any]:
     model, tok = load_model(path).eval(), load_tokenizer(path)
     t0 = time.perf_counter()
     ppl = perplexity(model, tok, wiki, window=2048, max_tokens=settings["ppl_tokens"])
@@ -289,7 +315,7 @@ def main() -> int:
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     p.add_argument("--limit", type=int, default=200, help="zero-shot rows per task (seeded subset)")
     p.add_argument("--seed", type=int, default=1234, help="zero-shot subset seed")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
@@ -330,7 +356,7 @@ def main() -> int:
         return 0
 
     wiki = read_text(args.wikitext)
-    entries: list[dict[str, Any]] = [{"name": "dense", "dir": str(dense), "scores": score(dense, wiki, settings)}]
+    entries: list[dict[str, Any]] = []
     for name, cargs in configs:
         c = compress(name, cargs + common, args.threads, args.fresh)
         if "error" in c:
@@ -343,6 +369,8 @@ def main() -> int:
             entries.append({"name": name or spec, "error": f"--config {spec!r}: expected NAME=DIR with an existing DIR"})
             continue
         entries.append({"name": name, "dir": folder, "scores": score(Path(folder), wiki, settings)})
+    # dense last: parallel runs (one per --only config) score their own models first, then share it
+    entries.insert(0, {"name": "dense", "dir": str(dense), "scores": score(dense, wiki, settings)})
 
     report_rows(entries, entries[0]["scores"]["params"])
     tag = args.name or args.grid

