@@ -16,6 +16,7 @@ from factorlm.exporters.vllm.plan import (
     PartSpec,
     bind,
     kv_head_replicas,
+    linear_gemm,
     load_piece,
     local_forward,
     make_plan,
@@ -55,7 +56,8 @@ def _rank_output(specs, pieces, in_features, parallel, tp_rank, tp_size, x):
             load_piece(plan, part, kind, tensor, buffers[kind])
     assert not any(b.isnan().any() for b in buffers.values()), "every slot must be written"
     x_local = x.narrow(-1, plan.in_start, plan.in_local)
-    return plan, local_forward(x_local, v, bind(plan, u, v, w))
+    v_gemm = linear_gemm(v) if plan.total_rank else None
+    return plan, local_forward(x_local, v_gemm, bind(plan, u, v, w))
 
 
 def _qkv_specs(ranks: dict[str, int | None], tp_size: int) -> list[PartSpec]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.utils import set_weight_attrs
 
 from ...runtime.format import FormatError
-from .plan import LayerPlan, PartShard, PartSpec, bind, load_piece, local_forward, make_plan
+from .plan import Gemm, LayerPlan, PartShard, PartSpec, bind, linear_gemm, load_piece, local_forward, make_plan
 
 logger = logging.getLogger(__name__)
 
@@ -123,15 +124,52 @@ class FactoredLinearMethod(LinearMethodBase):
         return weight_loader
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Bind per-piece views once (plain attributes, so the loader never expects them)."""
-        layer.factorlm_bound = bind(layer.factorlm_plan, getattr(layer, "weight_u", None),
-                                    getattr(layer, "weight_v", None), getattr(layer, "weight", None))
+        """Bind each piece's GEMM once (plain attributes, so the loader never expects them).
+
+        On vLLM's CPU platform every GEMM (the stacked V, each U block, each dense piece)
+        gets the kernel vLLM picks for its own dense layers (oneDNN with prepacked weights,
+        or another platform kernel), and the unpacked buffers are released as vLLM does for
+        dense layers, so factored and dense models are compared on the same kernels.
+        """
+        make_gemm = _cpu_gemm if _on_cpu() else linear_gemm
+        weight_v = getattr(layer, "weight_v", None)
+        layer.factorlm_v_gemm = make_gemm(weight_v.data) if weight_v is not None else None
+        layer.factorlm_bound = bind(layer.factorlm_plan, _data(layer, "weight_u"), _data(layer, "weight_v"),
+                                    _data(layer, "weight"), make_gemm)
+        if make_gemm is _cpu_gemm:
+            for name in ("weight_u", "weight_v", "weight"):
+                param = getattr(layer, name, None)
+                if param is not None:
+                    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            if hasattr(layer, "qweight"):
+                layer.qweight = layer.weight_v.data
 
     # ------------------------------------------------------------------ forward
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        bound = getattr(layer, "factorlm_bound", None)
-        if bound is None:  # weights were re-materialised or loading was skipped
-            self.process_weights_after_loading(layer)
-            bound = layer.factorlm_bound
-        return local_forward(x, getattr(layer, "weight_v", None), bound, bias)
+        return local_forward(x, layer.factorlm_v_gemm, layer.factorlm_bound, bias)
+
+
+def _data(layer: torch.nn.Module, name: str) -> torch.Tensor | None:
+    param = getattr(layer, name, None)
+    return None if param is None else param.data
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _cpu_gemm(weight: torch.Tensor) -> Gemm:
+    """x ↦ x Wᵀ through the kernel vLLM's CPU platform chooses for a dense weight of this shape."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    holder = SimpleNamespace(weight=weight.contiguous(), bias=None)
+    try:
+        dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
+    except (RuntimeError, AttributeError, TypeError) as exc:  # an unusual platform build: plain torch GEMM
+        logger.warning("vLLM CPU GEMM dispatch failed (%s); using torch.nn.functional.linear", exc)
+        return linear_gemm(weight.contiguous())
+    kernel, packed = holder.cpu_linear, holder.weight
+    return lambda x: kernel(x, packed, None)

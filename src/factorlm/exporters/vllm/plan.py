@@ -27,6 +27,7 @@ This module imports no vLLM, so the arithmetic is unit-tested everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -229,43 +230,53 @@ def load_piece(plan: LayerPlan, part: PartShard, kind: str, tensor: torch.Tensor
 # --------------------------------------------------------------------------- forward
 
 
+Gemm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def linear_gemm(weight: torch.Tensor) -> Gemm:
+    """x ↦ x Wᵀ with torch's own GEMM (the default; platforms may swap in packed kernels)."""
+    return lambda x: torch.nn.functional.linear(x, weight)
+
+
 @dataclass(frozen=True)
 class BoundPart:
-    """A piece ready to run: ``weight`` is U [out_local, r] (factored) or W [out_local, in_local]."""
+    """A piece ready to run: ``gemm`` maps z_i ↦ z_i U_iᵀ (factored) or x ↦ x W_iᵀ (dense)."""
 
     factored: bool
     rank_start: int
     rank_end: int
-    weight: torch.Tensor
+    gemm: Gemm
 
 
 def bind(plan: LayerPlan, weight_u: torch.Tensor | None, weight_v: torch.Tensor | None,
-         weight: torch.Tensor | None) -> list[BoundPart]:
-    """Views of every piece in output order (computed once after loading)."""
+         weight: torch.Tensor | None, make_gemm: Callable[[torch.Tensor], Gemm] = linear_gemm) -> list[BoundPart]:
+    """Views of every piece in output order, each with its GEMM (computed once after loading)."""
     bound: list[BoundPart] = []
     for part in plan.parts:
         if part.spec.factored:
             assert weight_u is not None and weight_v is not None
-            bound.append(BoundPart(True, part.rank_offset, part.rank_offset + (part.spec.rank or 0),
-                                   u_block(weight_u, part)))
+            u = u_block(weight_u, part)
+            bound.append(BoundPart(True, part.rank_offset, part.rank_offset + (part.spec.rank or 0), make_gemm(u)))
         else:
             assert weight is not None
-            bound.append(BoundPart(False, 0, 0, dense_block(weight, part)))
+            w = dense_block(weight, part)
+            bound.append(BoundPart(False, 0, 0, make_gemm(w)))
     return bound
 
 
-def local_forward(x: torch.Tensor, weight_v: torch.Tensor | None, parts: list[BoundPart],
+def local_forward(x: torch.Tensor, v_gemm: Gemm | None, parts: list[BoundPart],
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """This rank's layer output: z = x Vᵀ once for all factored pieces, then y_i = z_i U_iᵀ
-    (or x W_iᵀ for a dense piece), concatenated on the output dim in piece order."""
-    z = torch.nn.functional.linear(x, weight_v) if weight_v is not None and weight_v.shape[0] else None
+    """This rank's layer output: z = x Vᵀ once for all factored pieces (``v_gemm``), then
+    y_i = z_i U_iᵀ (or x W_iᵀ for a dense piece), concatenated on the output dim in piece order."""
+    z = v_gemm(x) if v_gemm is not None else None
     outs = []
     for part in parts:
         if part.factored:
             assert z is not None
-            zi = z if part.rank_start == 0 and part.rank_end == z.shape[-1] else z[..., part.rank_start:part.rank_end]
-            outs.append(torch.nn.functional.linear(zi, part.weight))
+            whole = part.rank_start == 0 and part.rank_end == z.shape[-1]
+            zi = z if whole else z[..., part.rank_start:part.rank_end].contiguous()
+            outs.append(part.gemm(zi))
         else:
-            outs.append(torch.nn.functional.linear(x, part.weight))
+            outs.append(part.gemm(x))
     y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
     return y if bias is None else y + bias
