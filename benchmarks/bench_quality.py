@@ -163,10 +163,12 @@ def score(path: Path, wiki: str, settings: dict[str, Any]) -> dict[str, Any]:
             return json.loads(cache.read_text())
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
             break
         except FileExistsError:
-            if time.time() - lock.stat().st_mtime > 6 * 3600:  # left by a killed run
+            if not _lock_owner_alive(lock):  # left by a killed run
                 lock.unlink(missing_ok=True)
+                continue
             logger.info("%s is being scored by another process; waiting", path)
             time.sleep(30)
     try:
@@ -174,6 +176,18 @@ def score(path: Path, wiki: str, settings: dict[str, Any]) -> dict[str, Any]:
     finally:
         os.close(fd)
         lock.unlink(missing_ok=True)
+
+
+def _lock_owner_alive(lock: Path) -> bool:
+    """Whether the process named in ``lock`` still runs (an empty lock is fresh for a minute)."""
+    try:
+        text = lock.read_text().strip()
+        if not text:
+            return time.time() - lock.stat().st_mtime < 60
+        os.kill(int(text), 0)
+    except (ValueError, OSError):  # unreadable, or no such process
+        return False
+    return True
 
 
 def _score_now(path: Path, wiki: str, settings: dict[str, Any], cache: Path) -> dict[str, Any]:

@@ -61,3 +61,15 @@ def test_unknown_compressor_flag_fails_only_that_config(tmp_path, monkeypatch):
     assert "unrecognized arguments: --no-such-flag" in res["error"]
     assert not list(tmp_path.glob("bad-*/config.json"))
     json.dumps(res)
+
+
+def test_stale_score_lock_is_detected(tmp_path):
+    import os
+
+    lock = tmp_path / "x.lock"
+    lock.write_text(str(os.getpid()))
+    assert bq._lock_owner_alive(lock)
+    lock.write_text("999999999")
+    assert not bq._lock_owner_alive(lock)
+    lock.write_text("")
+    assert bq._lock_owner_alive(lock)  # just created, pid not written yet
