@@ -129,12 +129,41 @@ def test_saes_with_beta_zero_equals_svdllm(tmp_path):
         torch.testing.assert_close(results["saes"][name], results["svd-llm"][name], rtol=1e-5, atol=1e-6)
 
 
-def test_saes_uses_the_accumulated_error(tmp_path):
-    """With ACES, later layers pick beta > 0 somewhere and the output differs from svd-llm."""
+@pytest.mark.parametrize("aces", ["energy", "holdout"])
+def test_saes_uses_the_accumulated_error(tmp_path, aces):
+    """beta is 0 in block 0 (no accumulated error yet); the paper's energy ACES picks beta > 0 later;
+    the held-out criterion never picks a beta that is worse than 0 on the held-out half."""
     ids = _ids(4, 32)
     model, _ = make_tiny_model()
-    report = compress_model(model, CompressionRecipe(method="saes", keep=0.5), ids, progress=False)
-    betas = [row["beta"] for row in report["layers"] if not row["dense"]]
-    first_block = [row["beta"] for row in report["layers"] if row["module"].startswith("model.layers.0.")]
-    assert all(b == 0.0 for b in first_block if b is not None)  # no accumulated error before block 0
-    assert any(b > 0 for b in betas)
+    report = compress_model(model, CompressionRecipe(method="saes", keep=0.5, aces=aces), ids, progress=False)
+    rows = [row for row in report["layers"] if not row["dense"]]
+    assert all(r["beta"] == 0.0 for r in rows if r["module"].startswith("model.layers.0."))
+    if aces == "energy":
+        assert any(r["beta"] > 0 for r in rows)
+    else:
+        assert all(r["holdout_gain"] <= 0 for r in rows)
+
+
+def test_holdout_aces_finds_a_systematic_input_error():
+    """Planted: the student input is a fixed distortion of the teacher's; with plenty of tokens the
+    held-out criterion picks a large beta and beats beta = 0 on fresh data."""
+    from factorlm.compressor.methods import InputStats, aces_holdout, anchored_error
+
+    g = torch.Generator().manual_seed(0)
+    n, m, rank = 16, 12, 6
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    distort = torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64)
+
+    def stats(tokens: int) -> tuple[InputStats, torch.Tensor, torch.Tensor]:
+        xf = torch.randn(tokens, n, generator=g, dtype=torch.float64)
+        x = xf @ distort.T
+        return InputStats(gram=x.T @ x, cross=(xf - x).T @ x, count=tokens), x, xf
+
+    fit, held = stats(4000)[0], stats(4000)[0]
+    beta, gain = aces_holdout(w, fit, held, rank, (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), 1e-6)
+    assert beta >= 0.5 and gain < 0
+    # anchored_error equals the direct sum up to the constant teacher energy
+    st, x, xf = stats(300)
+    approx = torch.randn(m, n, generator=g, dtype=torch.float64)
+    direct = float(((x @ approx.T - xf @ w.T) ** 2).sum() - ((xf @ w.T) ** 2).sum())
+    assert anchored_error(approx, w, st.gram, st.cross) == pytest.approx(direct, rel=1e-4)

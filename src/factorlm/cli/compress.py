@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="device the blocks are processed on, e.g. cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per block forward (default 4)")
     p.add_argument("--beta", type=float, default=None, help="saes: fixed beta instead of ACES per layer")
+    p.add_argument("--aces", default="holdout", choices=["holdout", "energy"],
+                   help="saes: choose beta per layer by held-out teacher-output error (default) or by the "
+                        "paper's retained-energy ratio")
     corr = p.add_argument_group("correctors (CALR: trained low-rank correctors, folded into the factors at save)")
     corr.add_argument("--corrector", default=None, metavar="auto|RANK",
                       help="add a corrector to every factored layer: 'auto' sizes ranks from the residual energy "
@@ -62,7 +65,7 @@ def build_recipe(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe,
         method=args.method, keep=keep, reduction=args.reduction, allocation=args.allocation,
         rank_multiple=args.rank_multiple, min_rank=args.min_rank, source=str(args.model), calib=args.calib,
         calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, device=args.device,
-        batch_size=args.batch_size, beta=args.beta,
+        batch_size=args.batch_size, beta=args.beta, aces=args.aces,
     )
 
 

@@ -36,6 +36,8 @@ class InputStats:
 
     ``gram`` / ``cross`` are fp64 sums over ``count`` tokens; ``abs_sum`` is Σ|x| per input
     channel. ``white`` caches the whitening of ``gram`` (one Cholesky per input group).
+    ``parts`` holds the same statistics of two disjoint halves of the calibration batches
+    (even / odd), for choosing saes' β on data the fit has not seen.
     """
 
     gram: torch.Tensor | None = None
@@ -43,6 +45,7 @@ class InputStats:
     abs_sum: torch.Tensor | None = None
     count: int = 0
     white: Whitening | None = field(default=None, repr=False)
+    parts: list["InputStats"] = field(default_factory=list, repr=False)
 
     def whitening(self, damping: float) -> Whitening:
         """Whitening of the Gram, computed once and cached."""
@@ -55,13 +58,24 @@ class InputStats:
         return self.white
 
 
+ACES_CRITERIA = ("holdout", "energy")
+
+
 @dataclass(frozen=True)
 class MethodOptions:
-    """Knobs shared by the methods: whitening damping, the ACES grid, a fixed β for saes."""
+    """Knobs shared by the methods: whitening damping, the ACES grid and criterion, a fixed β.
+
+    ``aces`` picks how saes chooses β per layer: ``energy`` is the paper's ACES (the largest
+    retained-energy ratio of ``G(β)``); ``holdout`` fits ``G(β)`` on one half of the
+    calibration batches and keeps the β whose factorization best reproduces the *teacher's*
+    layer output on the other half (the quantity the anchor term is for), so a β that only
+    fits noise in ``Δ`` is not chosen.
+    """
 
     damping: float = 1e-6
     beta: float | None = None
     grid: tuple[float, ...] = ACES_GRID
+    aces: str = "holdout"
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,58 @@ def aces_select(base: torch.Tensor, direction: torch.Tensor, rank: int,
     return float(best), cache[best]
 
 
+def anchored_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
+    """``Σ ‖M x − W x_f‖² − Σ ‖W x_f‖²`` from ``H = Σ x xᵀ`` and ``Δ = Σ (x_f − x) xᵀ`` (student x, teacher x_f).
+
+    With ``C = Σ x_f xᵀ = Δ + H``: ``tr(M H Mᵀ) − 2 Σ M ⊙ (W C)``; the constant teacher
+    energy is left out, so only differences between candidates are meaningful.
+    """
+    m = approx.float()
+    h = gram.float()
+    c = (gram + cross).float()
+    return float(((m @ h) * m).double().sum() - 2 * (m * (weight.float() @ c)).double().sum())
+
+
+def _truncated_map(target: torch.Tensor, inv_sqrt: torch.Tensor, rank: int) -> torch.Tensor:
+    """``U_r Σ_r V_rᵀ S⁻¹`` of a target in fp32 (candidate evaluation only)."""
+    u, s, vh = torch.linalg.svd(target.float(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ (vh[:rank] @ inv_sqrt.float())
+
+
+def aces_holdout(weight: torch.Tensor, fit: InputStats, held: InputStats, rank: int, grid: tuple[float, ...],
+                 damping: float) -> tuple[float, float]:
+    """β on ``grid`` whose CEALC solution fitted on ``fit`` has the lowest anchored error on ``held``.
+
+    Coarse-to-fine as in :func:`aces_select`. Returns (β, relative anchored-error change vs β = 0
+    on the held-out half: negative means β helps).
+    """
+    if fit.gram is None or held.gram is None or fit.cross is None or held.cross is None:
+        return 0.0, 0.0
+    white = fit.whitening(damping)
+    w = weight.float()
+    base = w @ white.sqrt.float()
+    direction = (w @ fit.cross.float()) @ white.inv_sqrt.float().T
+    teacher = float(((weight.float() @ (held.gram + held.cross).float() @ weight.float().T).trace()))
+    cache: dict[float, float] = {}
+
+    def err(beta: float) -> float:
+        if beta not in cache:
+            m = _truncated_map(base + beta * direction, white.inv_sqrt, rank)
+            cache[beta] = anchored_error(m, weight, held.gram, held.cross)
+        return cache[beta]
+
+    points = sorted(grid)
+    coarse = points[::3] if len(points) > 4 else points
+    best = min(coarse, key=lambda b: (err(b), b))
+    i = points.index(best)
+    for b in points[max(0, i - 2): i + 3]:
+        err(b)
+    best = min(cache, key=lambda b: (cache[b], b))
+    zero = err(0.0) if 0.0 in points else cache[best]
+    # errors are offsets from -Σ‖W x_f‖²-like constants; compare on the scale of the teacher energy
+    return float(best), (cache[best] - zero) / max(abs(teacher), 1e-30)
+
+
 def _svd(weight: torch.Tensor, stats: InputStats | None, rank: int, opts: MethodOptions
          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     u, v = svd_factors(weight, rank)
@@ -149,15 +215,23 @@ def _saes(weight: torch.Tensor, stats: InputStats | None, rank: int, opts: Metho
     else:
         # dG/dβ = W Δ S⁻ᵀ; fp32 is plenty for a correction term and halves the cost of the matmuls
         direction = ((weight.float() @ stats.cross.float()) @ white.inv_sqrt.float().T).double()
+        extra: dict[str, Any] = {}
         if opts.beta is not None:
             beta, rho = float(opts.beta), None
-        else:
+        elif opts.aces == "holdout" and len(stats.parts) == 2:
+            beta, gain = aces_holdout(weight, stats.parts[0], stats.parts[1], rank, opts.grid, opts.damping)
+            rho = None
+            extra["holdout_gain"] = round(gain, 6)
+        elif opts.aces in ACES_CRITERIA:
             beta, rho = aces_select(base, direction, rank, opts.grid)
+        else:
+            raise FactorlmError(f"unknown ACES criterion {opts.aces!r}; available: {', '.join(ACES_CRITERIA)}")
         target = base + beta * direction
     a, b, s = truncate(target, rank)
     if rho is None:
         rho = retained_ratio(s, rank)
-    return a, b @ white.inv_sqrt, {"beta": beta, "retained": round(rho, 6), "fallback": white.fallback}
+    return a, b @ white.inv_sqrt, {"beta": beta, "retained": round(rho, 6), "fallback": white.fallback,
+                                   **(extra if stats.cross is not None else {})}
 
 
 METHODS: dict[str, Method] = {

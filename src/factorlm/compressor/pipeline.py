@@ -52,7 +52,8 @@ class CompressionRecipe:
     Exactly one of ``keep`` (linear params kept) and ``reduction`` (whole-model params
     removed) is used; ``reduction`` wins when both are set by code, the CLI forbids it.
     ``calib`` is a file, ``sample`` or ``hf:NAME[:CONFIG[:SPLIT]]``; ``None`` picks ``sample``
-    when a method or allocator needs calibration. ``beta`` fixes saes' β (None: ACES per layer).
+    when a method or allocator needs calibration. ``beta`` fixes saes' β (None: ACES per layer, by
+    the ``aces`` criterion: ``holdout`` or the paper's ``energy``; see ``methods.MethodOptions``).
     """
 
     method: str = "svd"
@@ -69,6 +70,7 @@ class CompressionRecipe:
     device: str = "cpu"
     batch_size: int = 4
     beta: float | None = None
+    aces: str = "holdout"
     damping: float = 1e-6
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -100,7 +102,7 @@ def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Ten
     device = torch.device(recipe.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FactorlmError("--device cuda was given but no CUDA device is available")
-    opts = MethodOptions(damping=recipe.damping, beta=recipe.beta)
+    opts = MethodOptions(damping=recipe.damping, beta=recipe.beta, aces=recipe.aces)
     linears = compressible_linears(model)
     for name, module in linears.items():
         check_finite_weight(name, module.weight)

@@ -207,16 +207,23 @@ def block_statistics(
             x = s_seen[name]
             check_finite_activations(x, f"layer {where + '.' if where else ''}{name}")
             flat = x.reshape(-1, x.shape[-1])
-            st.gram = _add(st.gram, flat.float().T @ flat.float())
+            gram = flat.float().T @ flat.float()
+            st.gram = _add(st.gram, gram)
+            half = st.parts[i % 2]
+            half.gram = _add(half.gram, gram)
+            half.count += flat.shape[0]
             a = flat.double().abs().sum(0)
             st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
             st.count += flat.shape[0]
             if t_seen is not None and t_seen is not s_seen:
                 xt = t_seen[name].reshape(flat.shape)
-                st.cross = _add(st.cross, (xt.float() - flat.float()).T @ flat.float())
+                cross = (xt.float() - flat.float()).T @ flat.float()
+                st.cross = _add(st.cross, cross)
+                half.cross = _add(half.cross, cross)
             elif t_seen is not None:
                 zero = torch.zeros(flat.shape[-1], flat.shape[-1], dtype=torch.float64, device=flat.device)
                 st.cross = zero if st.cross is None else st.cross
+                half.cross = zero if half.cross is None else half.cross
     return BlockStats(stats, student_out, teacher_out)
 
 
@@ -231,4 +238,4 @@ def _group(stats: dict[str, InputStats], names: Sequence[str], seen: dict[str, t
         if name not in seen:
             raise FactorlmError(f"linear {name!r} was not called in the block forward")
         shared = next((stats[p] for p in names[:i] if seen[p] is seen[name]), None)
-        stats[name] = shared if shared is not None else InputStats()
+        stats[name] = shared if shared is not None else InputStats(parts=[InputStats(), InputStats()])
