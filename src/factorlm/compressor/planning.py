@@ -99,18 +99,16 @@ def plan_uniform(shapes: Mapping[str, LayerShape], budget: Budget, multiple: int
     """Every layer keeps the same fraction of its parameters (rounded to the rank multiple)."""
     keep = min(1.0, budget.allocatable / budget.linear_total)
     plan = uniform_ranks(shapes, keep, multiple, min_rank)
-    if kept_params(shapes, plan) <= budget.allocatable:
-        return plan
-    lo, hi = 0.0, keep  # rounding overshot: the largest common keep whose rounded plan fits
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if mid > 0 and kept_params(shapes, uniform_ranks(shapes, mid, multiple, min_rank)) <= budget.allocatable:
-            lo = mid
-        else:
-            hi = mid
-    if lo <= 0:
-        raise FactorlmError(f"budget of {budget.allocatable:,} linear parameters cannot be met with uniform ranks")
-    return uniform_ranks(shapes, lo, multiple, min_rank)
+    # rounding to the multiple may overshoot the budget: step down, one multiple at a time, the
+    # layer that overshoots its own share most, until the plan fits (deterministic, first wins ties)
+    while kept_params(shapes, plan) > budget.allocatable:
+        over = {n: shapes[n].factored_params(r) - keep * shapes[n].dense_params
+                for n, r in plan.items() if r is not None and r - multiple >= min_rank}
+        if not over:
+            raise FactorlmError(f"budget of {budget.allocatable:,} linear parameters cannot be met with uniform ranks")
+        worst = max(over, key=lambda n: over[n])
+        plan[worst] = plan[worst] - multiple  # type: ignore[operator]
+    return plan
 
 
 def plan_ranks(
