@@ -167,3 +167,19 @@ def test_holdout_aces_finds_a_systematic_input_error():
     approx = torch.randn(m, n, generator=g, dtype=torch.float64)
     direct = float(((x @ approx.T - xf @ w.T) ** 2).sum() - ((xf @ w.T) ** 2).sum())
     assert anchored_error(approx, w, st.gram, st.cross) == pytest.approx(direct, rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_streaming_on_cuda_matches_cpu():
+    """--device cuda: blocks run on the GPU, activations wait on the CPU; same ranks, close factors."""
+    ids = _ids(4, 32)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model, _ = make_tiny_model()
+        report = compress_model(model, CompressionRecipe(method="saes", keep=0.6, device=device), ids,
+                                progress=False)
+        results[device] = (report, {n: (m.weight_u @ m.weight_v).cpu() for n, m in compressible_linears(model).items()
+                                    if isinstance(m, FactoredLinear)})
+    assert [r["rank"] for r in results["cpu"][0]["layers"]] == [r["rank"] for r in results["cuda"][0]["layers"]]
+    for name, w in results["cpu"][1].items():
+        torch.testing.assert_close(results["cuda"][1][name], w, rtol=1e-3, atol=1e-3)
