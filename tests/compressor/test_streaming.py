@@ -176,7 +176,7 @@ def test_streaming_on_cuda_matches_cpu():
     results = {}
     for device in ("cpu", "cuda"):
         model, _ = make_tiny_model()
-        report = compress_model(model, CompressionRecipe(method="saes", keep=0.6, device=device), ids,
+        report = compress_model(model, CompressionRecipe(method="saes", keep=0.6, beta=0.3, device=device), ids,
                                 progress=False)
         results[device] = (report, {n: (m.weight_u @ m.weight_v).cpu() for n, m in compressible_linears(model).items()
                                     if isinstance(m, FactoredLinear)})
