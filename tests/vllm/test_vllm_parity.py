@@ -100,7 +100,9 @@ def test_lora_adapter_on_a_factored_model(llama, tmp_path: Path) -> None:
     assert vllm_tokens(llm, prompts) == reference_tokens(path, prompts)
 
 
-def test_qwen3_greedy_parity(vllm_module, tmp_path: Path) -> None:
+def test_qwen3_greedy_parity(vllm_module, tmp_path: Path, monkeypatch) -> None:
+    # the llama engine runs the default GEMMs; this one runs torch's (FACTORLM_VLLM_CPU_GEMM=torch)
+    monkeypatch.setenv("FACTORLM_VLLM_CPU_GEMM", "torch")
     path = write_mixed(tmp_path / "tiny-qwen3-factored", "qwen3")
     prompts = prompt_ids(path)
     llm = make_llm(path)

@@ -11,6 +11,7 @@ piece, concatenated on the output dim; the layer adds its all-reduce/gather as u
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +26,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.utils import set_weight_attrs
 
-from ...runtime.format import FormatError
+from ...runtime.format import FactorlmError, FormatError
 from .plan import Gemm, LayerPlan, PartShard, PartSpec, bind, linear_gemm, load_piece, local_forward, make_plan
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ class FactoredLinearMethod(LinearMethodBase):
         gets the kernel vLLM picks for its own dense layers (oneDNN with prepacked weights,
         or another platform kernel), and the unpacked buffers are released as vLLM does for
         dense layers, so factored and dense models are compared on the same kernels.
+        ``FACTORLM_VLLM_CPU_GEMM=torch`` uses torch's GEMM on the unpacked factors instead
+        (U column-major), which has less per-call overhead at batch 1 on small layers.
         """
-        make_gemm = _cpu_gemm if _on_cpu() else linear_gemm
+        make_gemm = _cpu_gemm if _on_cpu() and cpu_gemm_choice() == "vllm" else linear_gemm
         weight_v = getattr(layer, "weight_v", None)
         layer.factorlm_v_gemm = make_gemm(weight_v.data) if weight_v is not None else None
         layer.factorlm_bound = bind(layer.factorlm_plan, _data(layer, "weight_u"), _data(layer, "weight_v"),
@@ -153,6 +156,18 @@ class FactoredLinearMethod(LinearMethodBase):
 def _data(layer: torch.nn.Module, name: str) -> torch.Tensor | None:
     param = getattr(layer, name, None)
     return None if param is None else param.data
+
+
+CPU_GEMM_ENV = "FACTORLM_VLLM_CPU_GEMM"
+CPU_GEMM_CHOICES = ("vllm", "torch")
+
+
+def cpu_gemm_choice() -> str:
+    """Which GEMM factored layers use on vLLM's CPU platform: "vllm" (default) or "torch"."""
+    choice = os.environ.get(CPU_GEMM_ENV, "vllm").strip().lower()
+    if choice not in CPU_GEMM_CHOICES:
+        raise FactorlmError(f"{CPU_GEMM_ENV}={choice!r}; expected one of {', '.join(CPU_GEMM_CHOICES)}")
+    return choice
 
 
 def _on_cpu() -> bool:
