@@ -93,8 +93,9 @@ import json, resource, sys, time
 from factorlm.cli import main
 t0 = time.perf_counter()
 rc = main(sys.argv[2:])
-json.dump({"rc": rc, "wall_s": time.perf_counter() - t0,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, open(sys.argv[1], "w"))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+json.dump({"rc": rc, "wall_s": time.perf_counter() - t0, "cpu_s": ru.ru_utime + ru.ru_stime,
+           "peak_rss_mib": ru.ru_maxrss / 1024}, open(sys.argv[1], "w"))
 sys.exit(rc)
 """
 
@@ -267,7 +268,8 @@ def _f(v: Any, fmt: str) -> str:
 def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     tasks = meta["settings"]["tasks"]
     head = ["config", "model params removed %", "linear kept %", "WikiText-2 ppl",
-            *[f"{t} acc / norm" for t in tasks], "avg acc", "retention", "compress wall s", "compress peak MiB"]
+            *[f"{t} acc / norm" for t in tasks], "avg acc", "retention", "compress wall s", "compress CPU s",
+            "compress peak MiB"]
     lines = [f"# Quality: {meta['name']}", "",
              f"- model: SmolLM2-135M-Instruct fp32 (factorlm sample-model), dense = the dequantized checkpoint",
              f"- calibration: {meta['calibration']}",
@@ -288,7 +290,7 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
         cells += [f"{zs[t]['acc']:.3f} / {_f(zs[t]['acc_norm'], '.3f')}" for t in tasks]
         c = e.get("compress", {})
         cells += [_f(s["zeroshot"]["average"], ".4f"), _f(e["retention"], ".3f"), _f(c.get("wall_s"), ".1f"),
-                  _f(c.get("peak_rss_mib"), ".0f")]
+                  _f(c.get("cpu_s"), ".1f"), _f(c.get("peak_rss_mib"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "n per task and standard errors are in the JSON file. Commands:", "",
               f"    {meta['command']}"]

@@ -44,7 +44,7 @@ def test_report_rows_retention_and_markdown(tmp_path):
     md = tmp_path / "q.md"
     bq.write_markdown(md, entries, meta)
     text = md.read_text()
-    assert "| svd-k0.9 | 8.00 | - | 90.000 | 0.500 / 0.500 | 0.400 / - | 0.4500 | 0.750 | 12.0 | 900 |" in text
+    assert "| svd-k0.9 | 8.00 | - | 90.000 | 0.500 / 0.500 | 0.400 / - | 0.4500 | 0.750 | 12.0 | - | 900 |" in text
     assert "| broken | failed: factorlm compress: error: unrecognized arguments: --corrector auto |" in text
 
 
