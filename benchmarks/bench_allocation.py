@@ -122,6 +122,8 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="where the compressed folders go (default: a temp dir)")
     p.add_argument("--name", default="quality_allocation")
     p.add_argument("--resume", action="store_true", help="skip configurations already in the results JSON")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="only merge the rows of other result files of this script into --name and rewrite it")
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     out_json = RESULTS / f"{args.name}.json"
@@ -139,6 +141,15 @@ def main() -> int:
                "timings are noisy (other work shared the machine)",
         "python": platform.python_version(),
     }, "dense": None, "rows": []}
+    if args.merge:
+        data = json.loads(out_json.read_text())
+        names = {r["name"] for r in data["rows"]}
+        for other in args.merge:
+            rows = json.loads(Path(other).read_text())["rows"]
+            data["rows"] += [r for r in rows if r["name"] not in names and "error" not in r]
+        write_json_atomic(out_json, data)
+        write_markdown(RESULTS / f"{args.name}.md", data)
+        return 0
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
         data["rows"], data["dense"] = old.get("rows", []), old.get("dense")
