@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -149,18 +149,18 @@ def folder_key(path: Path, settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([str(path.resolve()), st, settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def score(path: Path, wiki: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Perplexity + zero-shot report of one folder, from the score cache when present.
+def cached(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()`` for (folder, key), stored under the quality cache.
 
     A lock file next to the cache entry lets several bench processes run side by side (for
-    example one per configuration): a model being scored elsewhere is waited for, not redone.
+    example one per configuration): a result being computed elsewhere is waited for, not redone.
     """
-    cache = QUALITY / "scores" / f"{folder_key(path, settings)}.json"
+    cache = QUALITY / "scores" / f"{folder_key(path, key)}.json"
     lock = cache.with_suffix(".lock")
     cache.parent.mkdir(parents=True, exist_ok=True)
     while True:
         if cache.is_file():
-            logger.info("scores of %s from cache", path)
+            logger.info("%s of %s from cache", key["kind"], path)
             return json.loads(cache.read_text())
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -170,10 +170,12 @@ def score(path: Path, wiki: str, settings: dict[str, Any]) -> dict[str, Any]:
             if not _lock_owner_alive(lock):  # left by a killed run
                 lock.unlink(missing_ok=True)
                 continue
-            logger.info("%s is being scored by another process; waiting", path)
+            logger.info("%s of %s is being computed by another process; waiting", key["kind"], path)
             time.sleep(30)
     try:
-        return _score_now(path, wiki, settings, cache)
+        out = compute()
+        write_json_atomic(cache, out)
+        return out
     finally:
         os.close(fd)
         lock.unlink(missing_ok=True)
@@ -191,18 +193,33 @@ def _lock_owner_alive(lock: Path) -> bool:
     return True
 
 
-def _score_now(path: Path, wiki: str, settings: dict[str, Any], cache: Path) -> dict[str, Any]:
-    model, tok = load_model(path).eval(), load_tokenizer(path)
-    t0 = time.perf_counter()
-    ppl = perplexity(model, tok, wiki, window=2048, max_tokens=settings["ppl_tokens"])
-    t1 = time.perf_counter()
-    zs = evaluate_zeroshot(model, tok, settings["tasks"], limit=settings["limit"], seed=settings["seed"],
-                           batch_size=settings["batch_size"])
-    out = {"ppl": ppl.ppl, "ppl_tokens_scored": ppl.tokens_scored, "ppl_seconds": t1 - t0,
-           "zeroshot": zs, "zeroshot_seconds": time.perf_counter() - t1,
-           "params": sum(p.numel() for p in model.parameters())}
-    write_json_atomic(cache, out)
-    return out
+def score(path: Path, wiki: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity and zero-shot report of one folder; each part cached on its own settings, so a
+    new ``--limit`` does not redo the perplexity. The model is loaded only when something is missing."""
+    loaded: dict[str, Any] = {}
+
+    def model_tok() -> tuple[Any, Any]:
+        if not loaded:
+            loaded["m"], loaded["t"] = load_model(path).eval(), load_tokenizer(path)
+        return loaded["m"], loaded["t"]
+
+    def ppl() -> dict[str, Any]:
+        model, tok = model_tok()
+        t0 = time.perf_counter()
+        r = perplexity(model, tok, wiki, window=2048, max_tokens=settings["ppl_tokens"])
+        return {"ppl": r.ppl, "ppl_tokens_scored": r.tokens_scored, "ppl_seconds": time.perf_counter() - t0,
+                "params": sum(p.numel() for p in model.parameters())}
+
+    def zeroshot() -> dict[str, Any]:
+        model, tok = model_tok()
+        t0 = time.perf_counter()
+        zs = evaluate_zeroshot(model, tok, settings["tasks"], limit=settings["limit"], seed=settings["seed"],
+                               batch_size=settings["batch_size"])
+        return {"zeroshot": zs, "zeroshot_seconds": time.perf_counter() - t0}
+
+    out = cached(path, {"kind": "ppl", "ppl_tokens": settings["ppl_tokens"]}, ppl)
+    key = {"kind": "zeroshot", "tasks": settings["tasks"], "limit": settings["limit"], "seed": settings["seed"]}
+    return {**out, **cached(path, key, zeroshot)}
 
 
 def estimate_tokens(tok: Any, tasks: list[str], limit: int | None, seed: int) -> dict[str, int]:
