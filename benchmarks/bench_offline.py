@@ -54,6 +54,7 @@ def main() -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--onnx-dense", type=Path, help="existing ONNX export of the dense sample model")
     ap.add_argument("--onnx-factored", type=Path, help="existing ONNX export of the factored copy (single --keep)")
+    ap.add_argument("--memory", choices=["isolated", "inprocess", "off"], default="isolated")
     ap.add_argument("--gguf", action="store_true", help="add the llama.cpp engine on the sample model's Q4_1 GGUF")
     ap.add_argument("--tag", default=None, help="result file tag (default: <device>-t<threads>-keep<keep>)")
     args = ap.parse_args()
@@ -70,7 +71,7 @@ def main() -> int:
                              threads=args.threads, device=args.device,
                              onnx_dirs=onnx_dirs if len(args.keep) == 1 else {k: v for k, v in onnx_dirs.items()
                                                                                if k == "dense"},
-                             gguf=find_gguf() if args.gguf else None)
+                             gguf=find_gguf() if args.gguf else None, memory=args.memory)
         result = run_offline(dense, factored_sample(keep), config)
         result.update(keep=keep, method="svd", command=command)
         runs.append(result)

@@ -156,8 +156,8 @@ def test_cuda_engine_skips_cleanly_without_gpu(tiny_pair):
 def test_cli_offline_writes_table_and_json(tiny_pair, tmp_path, capsys):
     dense, factored = tiny_pair
     out = tmp_path / "r.json"
-    rc = main(["bench", "offline", str(dense), str(factored), "--batch", "1", "--repeats", "1", "--prompt-tokens", "4",
-               "--new-tokens", "3", "--bandwidth-mib", "8", "--json-out", str(out), "--md-out", str(tmp_path / "r.md")])
+    rc = main(["bench", "offline", str(dense), str(factored), "--batch", "1", "--repeats", "1", "--memory", "inprocess",
+               "--prompt-tokens", "4", "--new-tokens", "3", "--bandwidth-mib", "8", "--json-out", str(out), "--md-out", str(tmp_path / "r.md")])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     last = json.loads(lines[-1])
@@ -169,6 +169,17 @@ def test_cli_offline_bad_batch_is_one_line_error(tiny_pair, capsys):
     dense, factored = tiny_pair
     assert main(["bench", "offline", str(dense), str(factored), "--batch", "1,x"]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_isolated_memory_probe_measures_each_model_in_a_fresh_process(tiny_pair):
+    dense, factored = tiny_pair
+    config = BenchConfig(engines=["torch"], batches=[1, 2], prompt_tokens=4, new_tokens=3, repeats=1, bandwidth_mib=0,
+                         memory="isolated")
+    result = run_offline(dense, factored, config, progress=False)
+    peaks = {(r["model"], r["batch"]): r["peak_memory_bytes"] for r in result["results"]}
+    assert peaks[("dense", 1)] is None and peaks[("factored", 1)] is None  # measured at the largest batch only
+    assert peaks[("dense", 2)] > 0 and peaks[("factored", 2)] > 0
 
 
 @pytest.mark.gpu

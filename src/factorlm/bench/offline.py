@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .bandwidth import measure_bandwidth
 from .footprint import ModelFootprint, peak_rss_bytes, reset_peak_rss, rss_bytes
+from .memory_probe import isolated_peak_rss
 from .runner import BenchConfig, EngineUnavailable, Runner, RunTiming, get_engine
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,18 @@ def _measure_run(runner: Runner, prompts: list[list[int]], new_tokens: int) -> t
     return timing, timing.peak_memory_bytes
 
 
+def _peak_memory(runner: Runner, mode: str, load_rss: int | None, run_peak: int | None,
+                 isolated: tuple[int, int | None] | None, batch: int) -> int | None:
+    """The peak-memory cell: GPU max allocated; CPU isolated-process peak (at its batch) or in-process growth."""
+    if runner.memory_kind != "rss":
+        return run_peak
+    if mode == "isolated":
+        return isolated[1] if isolated and isolated[0] == batch else None
+    if mode == "inprocess" and run_peak is not None and load_rss is not None:
+        return load_rss + run_peak
+    return None
+
+
 def run_offline(dense: Path, factored: Path, config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the benchmark and return the result dict (``format_markdown`` renders it)."""
     from ..runtime.checkpoint import load_tokenizer
@@ -155,6 +168,14 @@ def run_offline(dense: Path, factored: Path, config: BenchConfig, *, progress: b
                     bar.update(1)
     for runner in runners.values():
         runner.close()
+    isolated = {}
+    if config.memory == "isolated":  # after the timed rounds, so the children do not disturb them
+        for (name, variant), runner in runners.items():
+            if runner.memory_kind == "rss":
+                batch = max(b for b in config.batches if runner.max_batch is None or b <= runner.max_batch)
+                isolated[(name, variant)] = (batch, isolated_peak_rss(
+                    name, variant, Path(models[f"{name}/{variant}"]["path"]), config, prompts[batch],
+                    config.new_tokens))
     if config.bandwidth_mib:
         bandwidth.append(measure_bandwidth(config.bandwidth_mib, device=probe_device))
     load_end = os.getloadavg()
@@ -173,10 +194,8 @@ def run_offline(dense: Path, factored: Path, config: BenchConfig, *, progress: b
             step = fp.step_bytes(batch, context, runner.element_bytes, runner.kv_element_bytes)
         cell = summarize_cell(timings)
         per_token, gbps = achieved_bandwidth(step, batch, cell["decode_tok_s"])
-        load_rss = models[f"{name}/{variant}"].get("rss_load_bytes")
-        peak = peaks.get((name, variant, batch))
-        if runner.memory_kind == "rss" and peak is not None and load_rss is not None:
-            peak = load_rss + peak
+        peak = _peak_memory(runner, config.memory, models[f"{name}/{variant}"].get("rss_load_bytes"),
+                            peaks.get((name, variant, batch)), isolated.get((name, variant)), batch)
         rows.append({"engine": name, "model": variant, "batch": batch, **cell, "weight_bytes": weight_bytes,
                      "bytes_per_token": per_token, "achieved_gbps": gbps, "bandwidth_fraction": gbps / probe,
                      "peak_memory_bytes": peak, "memory_kind": runner.memory_kind})
@@ -184,7 +203,8 @@ def run_offline(dense: Path, factored: Path, config: BenchConfig, *, progress: b
         "bench": "offline",
         "config": {"engines": config.engines, "batches": config.batches, "prompt_tokens": config.prompt_tokens,
                    "new_tokens": config.new_tokens, "repeats": config.repeats, "threads": config.threads,
-                   "device": config.device, "dense": str(dense), "factored": str(factored)},
+                   "device": config.device, "memory": config.memory, "dense": str(dense),
+                   "factored": str(factored)},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if config.device == "cuda" and torch.cuda.is_available() else None,
@@ -248,7 +268,13 @@ def format_markdown(result: dict[str, Any], command: str = "") -> str:
                          f"{q['bytes_ratio']:.2f}x | {q['speedup_over_bytes_ratio']:.2f} | {met} |")
     for key, reason in result["skipped"].items():
         lines.append(f"\nSkipped {key}: {reason}")
-    lines += ["", "Peak memory: CPU rows are the RSS growth from loading the model plus the highest RSS growth "
-              "during one run; GPU rows are torch's max allocated bytes in a run. Bytes read per token: weights "
-              "read once per step (shared by the batch) plus each sequence's KV cache, divided by the batch."]
+    memory = {
+        "isolated": "CPU rows: peak RSS growth of a fresh process that loads only that model and runs one "
+                    "generation at the largest batch (shown on that batch's row)",
+        "inprocess": "CPU rows: RSS growth at load plus the highest RSS growth during one run, inside the "
+                     "benchmark process (memory freed by an earlier load is reused, so later models look smaller)",
+        "off": "CPU rows: not measured",
+    }[cfg.get("memory", "inprocess")]
+    lines += ["", f"Peak memory: {memory}; GPU rows: torch's max allocated bytes in a run. Bytes read per token: "
+              "weights read once per step (shared by the batch) plus each sequence's KV cache, divided by the batch."]
     return "\n".join(lines) + "\n"

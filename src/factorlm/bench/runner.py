@@ -85,6 +85,7 @@ class BenchConfig:
     onnx_dirs: dict[str, Path] = field(default_factory=dict)
     gguf: Path | None = None
     compile: bool = True
+    memory: str = "inprocess"  # CPU peak RSS: "isolated" (fresh process per model), "inprocess", "off"
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -95,6 +96,8 @@ class BenchConfig:
             raise FactorlmError("need prompt_tokens >= 1 and new_tokens >= 2 (decode speed needs two tokens)")
         if self.repeats < 1 or self.threads < 1:
             raise FactorlmError(f"repeats and threads must be >= 1, got {self.repeats}, {self.threads}")
+        if self.memory not in ("isolated", "inprocess", "off"):
+            raise FactorlmError(f"unknown memory mode {self.memory!r}; choose isolated, inprocess or off")
         if self.device not in ("cpu", "cuda"):
             raise FactorlmError(f"unknown device {self.device!r}; choose cpu or cuda")
 

@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--onnx-dense", type=Path, help="ONNX export of DENSE (default: exported once into the cache)")
     o.add_argument("--onnx-factored", type=Path, help="ONNX export of FACTORED (default: as above)")
     o.add_argument("--gguf", help="GGUF file for the llamacpp engine ('sample': the sample model's Q4_1 GGUF)")
+    o.add_argument("--memory", choices=["isolated", "inprocess", "off"], default="isolated",
+                   help="CPU peak RSS: a fresh process per model (default), inside this process, or not at all")
     o.add_argument("--no-compile", action="store_true", help="CUDA: eager decode instead of CUDA graphs")
     o.add_argument("--json-out", type=Path, help="also write the result JSON here (atomically)")
     o.add_argument("--md-out", type=Path, help="also write the Markdown table here (atomically)")
@@ -80,7 +82,7 @@ def _command_line(args: argparse.Namespace) -> str:
     """The equivalent command line, recorded with the result (defaults spelled out)."""
     parts = ["factorlm", "bench", "offline", args.dense, args.factored, "--engines", args.engines, "--batch", args.batch,
              "--prompt-tokens", args.prompt_tokens, "--new-tokens", args.new_tokens, "--repeats", args.repeats,
-             "--threads", args.threads, "--device", args.device]
+             "--threads", args.threads, "--device", args.device, "--memory", args.memory]
     for flag, value in (("--onnx-dense", args.onnx_dense), ("--onnx-factored", args.onnx_factored),
                         ("--gguf", args.gguf)):
         if value:
@@ -107,7 +109,7 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
                          batches=_int_list(args.batch, "--batch"), prompt_tokens=args.prompt_tokens,
                          new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads, device=args.device,
                          bandwidth_mib=args.bandwidth_mib, onnx_dirs=onnx_dirs, gguf=gguf,
-                         compile=not args.no_compile)
+                         compile=not args.no_compile, memory=args.memory)
     result = run_offline(resolve_model_path(args.dense), resolve_model_path(args.factored), config)
     result["command"] = _command_line(args)
     table = format_markdown(result, result["command"])
