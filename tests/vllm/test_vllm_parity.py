@@ -1,9 +1,9 @@
 """vLLM serves factored checkpoints: greedy tokens equal the factorlm torch runtime's.
 
-One in-process engine per checkpoint (tiny llama and qwen3, head_dim 32, fp32). The
-checkpoints mix factored and dense pieces inside vLLM's fused layers (see
-``vllm_helpers.mixed_ranks``), so every loader path (q/k/v and gate/up shard ids, dense
-pieces, per-piece ranks) runs. LoRA on top of a factored model is checked against a
+One in-process engine per checkpoint (tiny llama, qwen3, and qwen2 with random qkv
+biases; head_dim 32, fp32). The checkpoints mix factored and dense pieces inside vLLM's
+fused layers (see ``vllm_helpers.mixed_ranks``), so every loader path (q/k/v and gate/up
+shard ids, dense pieces, per-piece ranks) runs. LoRA on top of a factored model is checked against a
 reference that adds the adapter's B·A·x to each targeted module of the torch runtime.
 """
 
@@ -100,10 +100,25 @@ def test_lora_adapter_on_a_factored_model(llama, tmp_path: Path) -> None:
     assert vllm_tokens(llm, prompts) == reference_tokens(path, prompts)
 
 
-def test_qwen3_greedy_parity(vllm_module, tmp_path: Path, monkeypatch) -> None:
-    # the llama engine runs the default GEMMs; this one runs torch's (FACTORLM_VLLM_CPU_GEMM=torch)
-    monkeypatch.setenv("FACTORLM_VLLM_CPU_GEMM", "torch")
-    path = write_mixed(tmp_path / "tiny-qwen3-factored", "qwen3")
+def _randomize_biases(path: Path) -> None:
+    """Give every bias tensor of the checkpoint random values (HF initialises them to zero)."""
+    from safetensors.torch import load_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    gen = torch.Generator().manual_seed(3)
+    for key in [k for k in tensors if k.endswith(".bias")]:
+        tensors[key] = torch.randn(tensors[key].shape, generator=gen) * 0.5
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(("arch", "gemm"), [("qwen3", "torch"), ("qwen2", "vllm")])
+def test_qwen_greedy_parity(vllm_module, tmp_path: Path, monkeypatch, arch: str, gemm: str) -> None:
+    """qwen3 (q/k norms) with torch's GEMMs; qwen2 (qkv bias added after the factored GEMMs)."""
+    monkeypatch.setenv("FACTORLM_VLLM_CPU_GEMM", gemm)
+    # vLLM's qwen2 derives head_dim as hidden_size / heads, so keep the two consistent (128 / 4 = 32)
+    path = write_mixed(tmp_path / f"tiny-{arch}-factored", arch, **({"hidden_size": 128} if arch == "qwen2" else {}))
+    _randomize_biases(path)
     prompts = prompt_ids(path)
     llm = make_llm(path)
     try:

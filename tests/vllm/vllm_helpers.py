@@ -26,10 +26,10 @@ def mixed_ranks(num_layers: int = 2) -> dict[str, int]:
     return ranks
 
 
-def write_mixed(path: Path, arch: str) -> Path:
+def write_mixed(path: Path, arch: str, **overrides) -> Path:
     from factorlm.testing import write_tiny_factored
 
-    return write_tiny_factored(path, arch, ranks=mixed_ranks())
+    return write_tiny_factored(path, arch, ranks=mixed_ranks(), **overrides)
 
 
 def prompt_ids(model_dir: Path) -> list[list[int]]:
