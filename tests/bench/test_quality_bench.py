@@ -15,7 +15,8 @@ _SPEC.loader.exec_module(bq)
 
 
 def _scores(ppl: float, accs: dict[str, float], params: int) -> dict:
-    tasks = {t: {"acc": a, "acc_norm": (a if t == "piqa" else None), "n": 4} for t, a in accs.items()}
+    tasks = {t: {"acc": a, "acc_norm": (a if t == "piqa" else None), "n": 4, "acc_stderr": None}
+             for t, a in accs.items()}
     return {"ppl": ppl, "params": params, "zeroshot": {"tasks": tasks, "average": sum(accs.values()) / len(accs)}}
 
 
@@ -73,3 +74,9 @@ def test_stale_score_lock_is_detected(tmp_path):
     assert not bq._lock_owner_alive(lock)
     lock.write_text("")
     assert bq._lock_owner_alive(lock)  # just created, pid not written yet
+
+
+def test_average_stderr_combines_tasks():
+    zs = {"tasks": {"a": {"acc_stderr": 0.3}, "b": {"acc_stderr": 0.4}}}
+    assert abs(bq.avg_stderr(zs) - 0.25) < 1e-12  # sqrt(0.09 + 0.16) / 2
+    assert bq.avg_stderr({"tasks": {"a": {"acc_stderr": None}}}) is None
