@@ -121,6 +121,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=1, help="configurations run at the same time")
     p.add_argument("--workdir", default=None, help="where the compressed folders go (default: a temp dir)")
     p.add_argument("--name", default="quality_allocation")
+    p.add_argument("--dense-ppl", type=float, default=None, help="reuse a dense perplexity measured with the same settings")
     p.add_argument("--resume", action="store_true", help="skip configurations already in the results JSON")
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                    help="only merge the rows of other result files of this script into --name and rewrite it")
@@ -155,6 +156,8 @@ def main() -> int:
         data["rows"], data["dense"] = old.get("rows", []), old.get("dense")
     done = {r["name"] for r in data["rows"] if "error" not in r}
     data["rows"] = [r for r in data["rows"] if r["name"] in done]
+    if data["dense"] is None and args.dense_ppl is not None:
+        data["dense"] = {"wikitext2_ppl": args.dense_ppl}
     if data["dense"] is None:
         data["dense"] = {"wikitext2_ppl": round(ppl("sample", args.wikitext, args.ppl_tokens, env)["ppl"], 3)}
     todo = []
