@@ -49,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     corr.add_argument("--corrector-distill-steps", type=int, default=0,
                       help="end-to-end KL distillation steps on the logits after the last block (default 0)")
     corr.add_argument("--corrector-lr", type=float, default=1e-3, help="learning rate of the layer/block stages")
-    corr.add_argument("--corrector-train", choices=("corrector", "all"), default="corrector",
-                      help="train the correctors only, or the factors too (default: corrector)")
+    corr.add_argument("--corrector-train", choices=("corrector", "all"), default="all",
+                      help="train the factors together with the correctors (all, default) or the correctors only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)

@@ -59,7 +59,7 @@ class CorrectorConfig:
     distill_steps: int = 0
     lr: float = 1e-3
     distill_lr: float = 5e-5
-    train: str = "corrector"
+    train: str = "all"
     multiple: int = 8
     max_rank: int = 128
     seed: int = 0
