@@ -85,6 +85,20 @@ def test_score_requests_matches_hand_computation():
         assert math.isclose(ll, want, rel_tol=1e-5, abs_tol=1e-5) and greedy == all_greedy
 
 
+def test_requests_with_the_same_input_share_a_forward_row():
+    tok = make_tiny_tokenizer()
+    model = BigramLM(len(tok))
+    seen = []
+    model.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    reqs = [("the quick brown", " the"), ("the quick brown", " a"), ("other", " the")]
+    assert all(len(encode_pair(tok, c, k)[1]) == 1 for c, k in reqs)  # one-token continuations
+    got = score_requests(model, tok, reqs, batch_size=8, progress=False)
+    assert sum(seen) == 2  # the first two share their input
+    solo = [score_requests(model, tok, [r], progress=False)[0] for r in reqs]
+    assert all(math.isclose(a[0], b[0], abs_tol=1e-5) for a, b in zip(got, solo))
+
+
 def test_batching_and_padding_do_not_change_scores():
     model, tok = make_tiny_model()
     reqs = [("the quick brown fox", " jumps over"), ("a", " b c d e f g"), ("lazy", " dog")]

@@ -75,8 +75,10 @@ def score_requests(model: Any, tokenizer: Any, requests: list[tuple[str, str]], 
                    max_length: int = 2048, progress: bool = True, desc: str = "zero-shot") -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of each (context, continuation) request.
 
-    Requests are sorted longest first and right-padded into batches (right padding cannot change
-    a causal model's scores at real positions); results come back in the input order.
+    Requests with the same model input share one forward row (as lm-eval does for one-token
+    continuations such as BoolQ's " no"/" yes" or MMLU's letters). Inputs are sorted longest
+    first and right-padded into batches (right padding cannot change a causal model's scores at
+    real positions); results come back in the input order.
     """
     device = next(model.parameters()).device
     encoded = []
@@ -85,27 +87,30 @@ def score_requests(model: Any, tokenizer: Any, requests: list[tuple[str, str]], 
         if not k_ids:
             raise FactorlmError(f"continuation {cont!r} encodes to no tokens")
         full = (c_ids + k_ids)[-(max_length + 1):]
-        encoded.append((full[:-1], len(k_ids), full[-len(k_ids):]))
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+        encoded.append((tuple(full[:-1]), len(k_ids), full[-len(k_ids):]))
+    users: dict[tuple[int, ...], list[int]] = {}
+    for i, (inp_ids, _, _) in enumerate(encoded):
+        users.setdefault(inp_ids, []).append(i)
+    inputs = sorted(users, key=len, reverse=True)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
-    bar = tqdm(total=len(order), desc=desc, unit="req", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(encoded[i][0]) for i in idx)
-        inp = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = encoded[i][0]
+    bar = tqdm(total=len(encoded), desc=desc, unit="req", disable=not progress)
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        width = len(chunk[0])
+        inp = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, ids in enumerate(chunk):
             inp[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
         logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits
-        for row, i in enumerate(idx):
-            ids, n_cont, cont = encoded[i]
-            rows = logits[row, len(ids) - n_cont:len(ids)]
-            if not torch.isfinite(rows).all():
-                raise FactorlmError(f"non-finite logits while scoring request {i}")
-            results[i] = continuation_scores(rows, torch.tensor(cont, device=rows.device))
-        bar.update(len(idx))
+        for row, ids in enumerate(chunk):
+            for i in users[ids]:
+                _, n_cont, cont = encoded[i]
+                rows = logits[row, len(ids) - n_cont:len(ids)]
+                if not torch.isfinite(rows).all():
+                    raise FactorlmError(f"non-finite logits while scoring request {i}")
+                results[i] = continuation_scores(rows, torch.tensor(cont, device=rows.device))
+            bar.update(len(users[ids]))
     bar.close()
     return results
 
