@@ -215,7 +215,8 @@ def main() -> int:
                  "cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
                  "max_tokens": args.max_tokens,
                  "engine_flags": [*ENGINE_FLAGS, "--max-model-len", str(args.max_model_len)],
-                 "command": ("python benchmarks/bench_vllm.py " + " ".join(sys.argv[1:])).replace(str(Path.home()), "~")}
+                 "command": ("python benchmarks/bench_vllm.py " + " ".join(sys.argv[1:])).replace(
+                     str(Path.home()), "~")}
     variants = {"dense": (folders["dense"], {}), "factored": (folders["factored"], {}),
                 "factored-torchgemm": (folders["factored"], {"FACTORLM_VLLM_CPU_GEMM": "torch"})}
     out["variants"] = {"dense": "vLLM's dense CPU GEMMs (oneDNN, prepacked)",

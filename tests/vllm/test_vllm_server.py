@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from vllm_helpers import KV_CACHE_BYTES, NEW_TOKENS, prompt_ids, reference_tokens, write_mixed

@@ -77,7 +77,8 @@ class FactoredLinearMethod(LinearMethodBase):
             groups = tp_size // part_replicas if parallel == "column" else 1
             specs.append(PartSpec(name, local * groups, rank, part_replicas))
         plan = make_plan(specs, input_size, parallel, tp_rank, tp_size)
-        if plan.in_local != input_size_per_partition or [p.out_local for p in plan.parts] != list(output_partition_sizes):
+        local_sizes = [p.out_local for p in plan.parts]
+        if plan.in_local != input_size_per_partition or local_sizes != list(output_partition_sizes):
             raise FormatError(f"{layer.prefix}: factor plan disagrees with vLLM's partition sizes")
         layer.factorlm_plan = plan
         layer.factorlm_shard_ids = self._shard_ids(layer)

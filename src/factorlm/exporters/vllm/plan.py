@@ -221,7 +221,8 @@ def load_piece(plan: LayerPlan, part: PartShard, kind: str, tensor: torch.Tensor
         v_block(buffer, part).copy_(shard_v(tensor, plan, part))
     elif kind == "weight":
         if part.spec.factored:
-            raise FactorlmError(f"{part.spec.name}: checkpoint has a dense weight but 'ranks' lists the module as factored")
+            raise FactorlmError(
+                f"{part.spec.name}: checkpoint has a dense weight but 'ranks' lists the module as factored")
         dense_block(buffer, part).copy_(shard_dense(tensor, plan, part))
     else:
         raise FactorlmError(f"{part.spec.name}: unknown tensor kind {kind!r}")
