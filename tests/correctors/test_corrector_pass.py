@@ -171,3 +171,13 @@ def test_bad_corrector_flag_is_a_clear_error(tmp_path, capsys):
     assert main(["compress", str(src), "-o", str(tmp_path / "o"), "--corrector", "big"]) == 2
     assert "--corrector must be 'auto' or a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diverging_run_never_leaves_a_block_worse_than_the_plain_factorization():
+    """lr 10 wrecks training; the best-state tracking and the fallback keep the block error at most 'before'."""
+    torch.manual_seed(0)
+    model, _ = make_tiny_model("llama")
+    ids = calib(model)
+    hook = CorrectorHook(CorrectorConfig(rank=8, layer_steps=5, block_steps=10, lr=10.0))
+    rows = list(run_loop(model, hook, ids).values())
+    assert all(r["block_error_after"] <= r["block_error_before"] + 1e-6 for r in rows)

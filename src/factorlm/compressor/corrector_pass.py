@@ -117,22 +117,39 @@ def detach_tree(value: Any) -> Any:
 
 def train_block(block: nn.Module, params: list[nn.Parameter], student: list[torch.Tensor],
                 targets: list[torch.Tensor], kwargs: dict[str, Any], steps: int, lr: float,
-                seed: int) -> list[float]:
-    """Minimise the relative MSE between ``block(student)`` and the dense block's ``targets``."""
+                seed: int, check_every: int = 10) -> tuple[list[float], float]:
+    """Minimise the relative MSE between ``block(student)`` and the dense block's ``targets``.
+
+    Adam with a cosine-decayed learning rate, one calibration batch per step. Every
+    ``check_every`` steps (and at the start) the error over all batches is measured and the
+    best parameters seen are kept, so training never leaves the block worse than it found it.
+    Returns the per-step losses and the best relative error (as :func:`relative_block_error`).
+    """
     opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     student, targets, kwargs = detach_tree(student), detach_tree(targets), detach_tree(kwargs)
     scale = torch.stack([t.pow(2).mean() for t in targets]).mean().clamp_min(1e-12)
     gen = torch.Generator().manual_seed(seed)
+    best_error = relative_block_error(block, student, targets, kwargs)
+    best_state = [p.detach().clone() for p in params]
     losses = []
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             i = int(torch.randint(0, len(student), (1,), generator=gen))
             loss = F.mse_loss(block_output(block, student[i], kwargs), targets[i]) / scale
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(loss.item())
-    return losses
+            if step % check_every == 0 or step == steps:
+                error = relative_block_error(block, student, targets, kwargs)
+                if error < best_error:
+                    best_error, best_state = error, [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, best in zip(params, best_state):
+            p.copy_(best)
+    return losses, best_error
 
 
 def relative_block_error(block: nn.Module, student: list[torch.Tensor], targets: list[torch.Tensor],
@@ -203,6 +220,7 @@ class CorrectorHook:
         ranks = self._ranks(ctx, residuals, grams, teacher_rows, dense)
         report: dict[str, dict[str, Any]] = {}
         corrected: dict[str, CorrectedLinear] = {}
+        originals = {n: [p.detach().clone() for p in ctx.block.get_submodule(n).parameters()] for n in names}
         for n in names:
             c = ranks.get(n, 0)
             full = ctx.linear_names[n]
@@ -238,8 +256,8 @@ class CorrectorHook:
             for p in frozen:
                 p.requires_grad_(False)
             try:
-                losses = train_block(ctx.block, params, student, targets, ctx.block_kwargs,
-                                     cfg.block_steps, cfg.lr, cfg.seed + ctx.index)
+                losses, _ = train_block(ctx.block, params, student, targets, ctx.block_kwargs,
+                                        cfg.block_steps, cfg.lr, cfg.seed + ctx.index)
             finally:
                 for p, s in zip(frozen, saved):
                     p.requires_grad_(s)
@@ -249,12 +267,24 @@ class CorrectorHook:
             for p in m.parameters():
                 p.requires_grad_(False)
         error_after = relative_block_error(ctx.block, student, targets, ctx.block_kwargs)
+        fallback = corrected and error_after > error_before
+        if fallback:
+            # neither the closed form nor training beat the plain factorization on this block's
+            # output: restore the factors and silence the correctors (their parameters stay
+            # counted, so the budget is honest)
+            with torch.no_grad():
+                for n, module in corrected.items():
+                    for p, original in zip(module.base.parameters(), originals[n]):
+                        p.copy_(original)
+                    module.corr_b.zero_()
+            error_after = relative_block_error(ctx.block, student, targets, ctx.block_kwargs)
         logger.info("block %d: output error %.4f -> %.4f (closed form) -> %.4f (trained)",
                     ctx.index, error_before, error_init, error_after)
         for n in names:
             report[ctx.linear_names[n]].update(block_error_before=round(error_before, 6),
                                                block_error_closed_form=round(error_init, 6),
-                                               block_error_after=round(error_after, 6))
+                                               block_error_after=round(error_after, 6),
+                                               corrector_fallback=bool(fallback))
         return report
 
     def extra_files(self) -> dict[str, bytes]:
