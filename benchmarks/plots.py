@@ -144,7 +144,9 @@ def plot_quality(points: dict[str, list[tuple[float, float]]], out: Path) -> lis
         return []
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, pts in sorted(points.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) > 1 else "s", label=method)
+        xs = [p[0] for p in pts]
+        line = "-" if len(set(xs)) == len(xs) else "none"  # several runs at one size (other allocations): points only
+        ax.plot(xs, [p[1] for p in pts], marker="o", linestyle=line, label=method)
     ax.set_yscale("log")
     ax.set(xlabel="kept fraction of linear-layer parameters", ylabel="WikiText-2 perplexity (log)",
            title="Quality vs size")
