@@ -172,7 +172,16 @@ def test_metrics_report_latency_tokens_and_queue(live):
     assert metric(url, "factorlm:time_to_first_token_seconds_count") >= 1
 
 
-def test_api_key_and_queue_full(tiny, slow_model):
+@pytest.fixture
+def very_slow_model(tiny):
+    """Each forward pass takes >= 50 ms, so 200 tokens keep the only slot busy for >= 10 s,
+    long enough for a second request to arrive even on a heavily loaded machine."""
+    hook = tiny[0].register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    yield
+    hook.remove()
+
+
+def test_api_key_and_queue_full(tiny, very_slow_model):
     model, tokenizer = tiny
     engine = TorchEngine(model, tokenizer, model_name=MODEL, max_batch=1, max_queue=0)
     with BackgroundServer(create_app(engine, api_key="sekret")) as url:
