@@ -235,6 +235,10 @@ def factored_ratios(samples: dict[tuple[str, str, int], list[RunTiming]], rows: 
     return out
 
 
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.0f}%"
+
+
 def _mb(x: float | None) -> str:
     return "-" if x is None else f"{x / 1e6:.1f}"
 
@@ -250,7 +254,8 @@ def format_markdown(result: dict[str, Any], command: str = "") -> str:
         f"interleaved rounds. Machine: {m['processor']}, {m['cpu_count']} CPUs"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f"; load average {m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at end; "
-        f"memory bandwidth probe {m['bandwidth_gbps']:.1f} GB/s (median of start and end probes).", "",
+        + (f"memory bandwidth probe {m['bandwidth_gbps']:.1f} GB/s (median of start and end probes)."
+           if not math.isnan(m["bandwidth_gbps"]) else "memory bandwidth probe not run."), "",
         "| engine | model | batch | TTFT ms | prefill tok/s | decode tok/s | weight MB | MB read/token "
         "| achieved GB/s | % of probe | peak memory MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -258,7 +263,7 @@ def format_markdown(result: dict[str, Any], command: str = "") -> str:
     for r in sorted(result["results"], key=lambda r: (r["engine"], r["batch"], r["model"])):
         lines.append(f"| {r['engine']} | {r['model']} | {r['batch']} | {r['ttft_ms']:.0f} | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.1f} | {_mb(r['weight_bytes'])} | {_mb(r['bytes_per_token'])} | "
-                     f"{r['achieved_gbps']:.2f} | {100 * r['bandwidth_fraction']:.0f}% | {_mb(r['peak_memory_bytes'])} |")
+                     f"{r['achieved_gbps']:.2f} | {_pct(r['bandwidth_fraction'])} | {_mb(r['peak_memory_bytes'])} |")
     if result["ratios"]:
         lines += ["", "| engine | batch | decode speedup factored/dense | TTFT speedup | bytes-read ratio "
                   "| speedup / bytes ratio | target >= 0.9 (batch 1) |", "|---|---|---|---|---|---|---|"]
