@@ -52,6 +52,12 @@ def prompt_windows(ids: Sequence[int], batch: int, length: int, stride: int = 7)
     return [seq[r * stride: r * stride + length] for r in range(batch)]
 
 
+def display_path(path: str | Path) -> str:
+    """A path for result files: the home folder written as ``~`` so results do not name a machine's user."""
+    text, home = str(path), str(Path.home())
+    return "~" + text[len(home):] if text == home or text.startswith(home + os.sep) else text
+
+
 def median(values: Sequence[float]) -> float:
     """Median ignoring NaNs (NaN when nothing is left)."""
     finite = [v for v in values if not math.isnan(v)]
@@ -87,7 +93,7 @@ def _load_runner(spec_name: str, variant: str, path: Path, config: BenchConfig) 
     before = rss_bytes()
     t0 = time.perf_counter()
     runner = spec.load(path, variant, config)
-    info = {"path": str(path), "load_s": round(time.perf_counter() - t0, 3)}
+    info = {"path": display_path(path), "load_s": round(time.perf_counter() - t0, 3)}
     after = rss_bytes()
     if before is not None and after is not None:
         info["rss_load_bytes"] = after - before
@@ -173,9 +179,9 @@ def run_offline(dense: Path, factored: Path, config: BenchConfig, *, progress: b
         for (name, variant), runner in runners.items():
             if runner.memory_kind == "rss":
                 batch = max(b for b in config.batches if runner.max_batch is None or b <= runner.max_batch)
-                isolated[(name, variant)] = (batch, isolated_peak_rss(
-                    name, variant, Path(models[f"{name}/{variant}"]["path"]), config, prompts[batch],
-                    config.new_tokens))
+                path = Path(os.path.expanduser(models[f"{name}/{variant}"]["path"]))
+                isolated[(name, variant)] = (batch, isolated_peak_rss(name, variant, path, config, prompts[batch],
+                                                                      config.new_tokens))
     if config.bandwidth_mib:
         bandwidth.append(measure_bandwidth(config.bandwidth_mib, device=probe_device))
     load_end = os.getloadavg()
@@ -203,8 +209,8 @@ def run_offline(dense: Path, factored: Path, config: BenchConfig, *, progress: b
         "bench": "offline",
         "config": {"engines": config.engines, "batches": config.batches, "prompt_tokens": config.prompt_tokens,
                    "new_tokens": config.new_tokens, "repeats": config.repeats, "threads": config.threads,
-                   "device": config.device, "memory": config.memory, "dense": str(dense),
-                   "factored": str(factored)},
+                   "device": config.device, "memory": config.memory, "dense": display_path(dense),
+                   "factored": display_path(factored)},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if config.device == "cuda" and torch.cuda.is_available() else None,
