@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 
 import httpx
@@ -173,15 +174,23 @@ def test_metrics_report_latency_tokens_and_queue(live):
 
 
 @pytest.fixture
-def very_slow_model(tiny):
-    """Each forward pass takes >= 50 ms, so 200 tokens keep the only slot busy for >= 10 s,
-    long enough for a second request to arrive even on a heavily loaded machine."""
-    hook = tiny[0].register_forward_pre_hook(lambda *_: time.sleep(0.05))
-    yield
-    hook.remove()
+def gated_model(tiny):
+    """After its first two forward passes (prefill, first decode step) the model blocks until
+    the test opens the gate, so a running request holds its slot however fast the machine is."""
+    gate, calls = threading.Event(), [0]
+
+    def hook(*_):
+        calls[0] += 1
+        if calls[0] > 2:
+            gate.wait(timeout=30)
+
+    handle = tiny[0].register_forward_pre_hook(hook)
+    yield gate
+    gate.set()
+    handle.remove()
 
 
-def test_api_key_and_queue_full(tiny, very_slow_model):
+def test_api_key_and_queue_full(tiny, gated_model):
     model, tokenizer = tiny
     engine = TorchEngine(model, tokenizer, model_name=MODEL, max_batch=1, max_queue=0)
     with BackgroundServer(create_app(engine, api_key="sekret")) as url:
@@ -196,6 +205,7 @@ def test_api_key_and_queue_full(tiny, very_slow_model):
             next(line for line in r.iter_lines() if line.startswith("data:"))
             with pytest.raises(openai.RateLimitError):
                 c.completions.create(model=MODEL, prompt="x", max_tokens=2)
+            gated_model.set()
         assert metric(url, "factorlm:request_errors_total", status="429") == 1
         assert metric(url, "factorlm:request_errors_total", status="401") == 2
 
