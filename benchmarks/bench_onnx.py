@@ -21,21 +21,14 @@ from typing import Any, Callable
 
 import torch
 
-from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint
 from factorlm.exporters.onnx import OnnxGenerator, export_onnx
 from factorlm.runtime.checkpoint import load_model
 from factorlm.runtime.generate import SamplingParams
 from factorlm.sample_model import cache_root, materialize_sample_model
 
+from bench_offline import factored_sample  # the same cached plain-SVD folder
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def factored_sample(keep: float) -> Path:
-    """Same folder as ``factorlm compress sample --method svd --keep KEEP`` writes."""
-    path = cache_root() / f"bench-svd-keep{keep}"
-    if not (path / "config.json").is_file():
-        compress_checkpoint(materialize_sample_model(), path, CompressionRecipe(method="svd", keep=keep), progress=False)
-    return path
 
 
 def exported(src: Path, name: str, int8: bool, threads: int, reuse: bool) -> tuple[Path, dict[str, Any]]:
