@@ -32,7 +32,8 @@ from torch import nn
 from ..runtime.arch import get_arch
 from ..runtime.factored_linear import FactoredLinear
 from ..runtime.format import FactorlmError
-from .correctors import CorrectedLinear, corrector_ranks, distill, eora_corrector, residual_energy, train_layer
+from .correctors import (CorrectedLinear, corrector_ranks, distill, eora_corrector, gram_eigh, residual_energy,
+                         train_layer)
 from .hooks import BlockContext
 from .whitening import accumulate_gram
 
@@ -172,6 +173,7 @@ class CorrectorHook:
     _reserved: int = 0
     _spent: int = 0
     _teacher_final: list[torch.Tensor] = field(default_factory=list)
+    _eig_cache: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     _seconds: dict[str, float] = field(default_factory=lambda: {"init": 0.0, "layer": 0.0, "block": 0.0, "distill": 0.0})
 
     def reserved_params(self, shapes: dict[str, tuple[int, int]]) -> int:
@@ -182,13 +184,20 @@ class CorrectorHook:
             self._reserved = int(self.config.fraction * sum(o * i for o, i in shapes.values()))
         return self._reserved
 
+    def _eig(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigen-decomposition of a Gram, computed once per block and matrix (q/k/v share one)."""
+        key = id(gram)
+        if key not in self._eig_cache:  # the cached gram stays referenced, so its id is not reused
+            self._eig_cache[key] = (gram, gram_eigh(gram))
+        return self._eig_cache[key][1]
+
     def _ranks(self, ctx: BlockContext, residuals: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
                teacher_rows: dict[str, torch.Tensor], dense: dict[str, nn.Linear]) -> dict[str, int]:
         if self.config.rank is not None:
             return {n: min(self.config.rank, min(r.shape)) for n, r in residuals.items()}
         blocks_left = ctx.num_blocks - ctx.index
         budget = max(0, (self._reserved - self._spent) // max(blocks_left, 1))
-        energies = {n: residual_energy(residuals[n], grams[n]) for n in residuals}
+        energies = {n: residual_energy(residuals[n], grams[n], self._eig(grams[n])) for n in residuals}
         out_energy = {n: float((teacher_rows[n] @ dense[n].weight.detach().float().T).double().pow(2).sum())
                       for n in residuals}
         costs = {n: sum(residuals[n].shape) for n in residuals}
@@ -197,6 +206,7 @@ class CorrectorHook:
     def __call__(self, ctx: BlockContext) -> dict[str, dict[str, Any]]:
         cfg = self.config
         started = time.perf_counter()
+        self._eig_cache.clear()
         names = [n for n in ctx.linear_names if isinstance(ctx.block.get_submodule(n), FactoredLinear)]
         student = [x.to(ctx.device) for x in ctx.student_inputs]
         teacher = [x.to(ctx.device) for x in ctx.teacher_inputs]
@@ -228,13 +238,14 @@ class CorrectorHook:
             if c <= 0:
                 continue
             base = ctx.block.get_submodule(n)
-            a, b = eora_corrector(residuals[n], grams[n], c)
+            a, b = eora_corrector(residuals[n], grams[n], c, self._eig(grams[n]))
             dtype = base.weight_u.dtype
             module = CorrectedLinear(base, a.to(dtype), b.to(dtype), train_base=cfg.train == "all")
             parent, _, child = n.rpartition(".")
             setattr(ctx.block.get_submodule(parent) if parent else ctx.block, child, module)
             corrected[n] = module
             self._spent += c * sum(residuals[n].shape)
+        self._eig_cache.clear()
         self._seconds["init"] += time.perf_counter() - started
         error_init = relative_block_error(ctx.block, student, targets, ctx.block_kwargs)
         t0 = time.perf_counter()

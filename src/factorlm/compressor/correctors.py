@@ -38,7 +38,8 @@ def gram_eigh(gram: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor
     return evals.clamp_min(floor), evecs
 
 
-def eora_corrector(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def eora_corrector(residual: torch.Tensor, gram: torch.Tensor, rank: int,
+                   eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` (A, B) for min ||(R - BA) X||_F given G = X Xᵀ (closed form).
 
     With G = QΛQᵀ: SVD of R Q Λ^{1/2} = U Σ Vᵀ, B = U_c Σ_c^{1/2}, A = Σ_c^{1/2} V_cᵀ Λ^{-1/2} Qᵀ.
@@ -46,7 +47,7 @@ def eora_corrector(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> tup
     out_f, in_f = residual.shape
     if not 0 < rank <= min(out_f, in_f):
         raise FactorlmError(f"corrector rank {rank} out of range 1..{min(out_f, in_f)}")
-    lam, q = gram_eigh(gram)
+    lam, q = eig if eig is not None else gram_eigh(gram)
     root = lam.sqrt()
     m = residual.double() @ q * root
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
@@ -56,9 +57,10 @@ def eora_corrector(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> tup
     return a.to(residual.dtype), b.to(residual.dtype)
 
 
-def residual_energy(residual: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def residual_energy(residual: torch.Tensor, gram: torch.Tensor,
+                    eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Squared singular values of R G^{1/2}: the functional error each corrector direction can remove."""
-    lam, q = gram_eigh(gram)
+    lam, q = eig if eig is not None else gram_eigh(gram)
     return torch.linalg.svdvals(residual.double() @ q * lam.sqrt()) ** 2
 
 
