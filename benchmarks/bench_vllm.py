@@ -30,13 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_serving import PROMPTS  # the same prompts as the served benchmark
+
 RESULTS = Path(__file__).parent / "results"
-PROMPTS = [
-    "The history of the city begins in the early middle ages, when",
-    "Explain in simple words why the sky is blue.",
-    "Write a short note about the river and the old bridge.",
-    "List three facts about the moon.",
-]
 ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--seed", "0"]  # plus --max-model-len
 
 
@@ -112,9 +108,8 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 def run_served(model_dir: Path, concurrency: list[int], prompts_per_level: int, max_tokens: int,
                max_model_len: int, env: dict[str, str]) -> list[dict]:
-    import httpx
-
-    from factorlm.bench.loadgen import run_load
+    from factorlm.bench.loadgen import run_load, wait_until_healthy
+    from factorlm.runtime.format import FactorlmError
 
     port = _free_port()
     command = [sys.executable, "-m", "factorlm.cli", "serve", str(model_dir), "--engine", "vllm", "--port", str(port),
@@ -124,18 +119,10 @@ def run_served(model_dir: Path, concurrency: list[int], prompts_per_level: int, 
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"vLLM server exited with {server.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("vLLM server not healthy after 600 s")
-            time.sleep(2)
+        try:
+            wait_until_healthy(base, server, 600, log.name, poll_s=2)
+        except FactorlmError as exc:
+            raise SystemExit(f"vLLM {exc}") from None
         asyncio.run(run_load(base, "bench", PROMPTS[:2], max_tokens=8, concurrency=2))  # warm-up
         rows = []
         for c in concurrency:

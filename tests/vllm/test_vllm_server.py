@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from vllm_helpers import KV_CACHE_BYTES, NEW_TOKENS, prompt_ids, reference_tokens, write_mixed
@@ -42,19 +41,13 @@ def server(vllm_module, tmp_path_factory):
                "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}; log: {log.name}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server not healthy after 300 s; log: {log.name}")
-        time.sleep(1)
+    from factorlm.bench.loadgen import wait_until_healthy
+    from factorlm.runtime.format import FactorlmError
+
+    try:
+        wait_until_healthy(base, process, 300, log.name)
+    except FactorlmError as exc:
+        pytest.fail(str(exc))
     yield base, path
     process.send_signal(signal.SIGTERM)
     try:

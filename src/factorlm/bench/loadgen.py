@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import random
+import subprocess
 import time
 
 import httpx
@@ -87,3 +88,27 @@ async def run_load(base_url: str, model: str, prompts: list[str], *, max_tokens:
                    "request_rate": "inf" if request_rate == float("inf") else request_rate,
                    "num_prompts": len(prompts), "model_id": model})
     return result
+
+
+def wait_until_healthy(base_url: str, process: "subprocess.Popen[bytes]", timeout_s: float, log_name: str,
+                       poll_s: float = 1.0) -> None:
+    """Poll ``GET /health`` of a server started as ``process`` until it answers 200.
+
+    Raises :class:`~factorlm.runtime.format.FactorlmError` naming the log file when the
+    process exits first or ``timeout_s`` passes (the process is then killed).
+    """
+    from factorlm.runtime.format import FactorlmError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise FactorlmError(f"server exited with {process.returncode}; log: {log_name}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise FactorlmError(f"server not healthy after {timeout_s:.0f} s; log: {log_name}")
+        time.sleep(poll_s)
