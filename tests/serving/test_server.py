@@ -199,10 +199,14 @@ def test_api_key_and_queue_full(tiny, gated_model):
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/health").status_code == 200  # public, like vLLM
         c = client(url, "sekret")
-        body = {"model": MODEL, "prompt": "Paris", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        body = {"model": MODEL, "prompt": "Paris", "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}  # greedy: the first token already has text, before the gate closes
         headers = {"Authorization": "Bearer sekret"}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=30) as r:
-            next(line for line in r.iter_lines() if line.startswith("data:"))
+            # Hold the line iterator: a temporary one is closed on garbage collection, which closes
+            # the connection, and the server would rightly free the slot of a client that left.
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
             with pytest.raises(openai.RateLimitError):
                 c.completions.create(model=MODEL, prompt="x", max_tokens=2)
             gated_model.set()
