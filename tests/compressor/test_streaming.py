@@ -131,17 +131,49 @@ def test_saes_with_beta_zero_equals_svdllm(tmp_path):
 
 @pytest.mark.parametrize("aces", ["energy", "holdout"])
 def test_saes_uses_the_accumulated_error(tmp_path, aces):
-    """beta is 0 in block 0 (no accumulated error yet); the paper's energy ACES picks beta > 0 later;
-    the held-out criterion never picks a beta that is worse than 0 on the held-out half."""
+    """beta is 0 where there is no error yet (block 0's q/k/v; all of block 0 with one-pass
+    statistics); the paper's energy ACES picks beta > 0 later; the held-out criterion never
+    picks a beta that is worse than 0 on the held-out half."""
     ids = _ids(4, 32)
     model, _ = make_tiny_model()
+    one_pass = compress_model(copy.deepcopy(model), CompressionRecipe(method="saes", keep=0.5, aces=aces,
+                                                                      sequential=False), ids, progress=False)
+    assert all(r["beta"] == 0.0 for r in one_pass["layers"] if r["module"].startswith("model.layers.0."))
     report = compress_model(model, CompressionRecipe(method="saes", keep=0.5, aces=aces), ids, progress=False)
     rows = [row for row in report["layers"] if not row["dense"]]
-    assert all(r["beta"] == 0.0 for r in rows if r["module"].startswith("model.layers.0."))
+    assert all(r["beta"] == 0.0 for r in rows if r["module"].startswith("model.layers.0.self_attn.")
+               and r["module"].endswith(("q_proj", "k_proj", "v_proj")))
     if aces == "energy":
         assert any(r["beta"] > 0 for r in rows)
     else:
         assert all(r["holdout_gain"] <= 0 for r in rows)
+
+
+def test_sequential_statistics_see_the_blocks_earlier_factorizations():
+    """Sequential: block 0's o_proj is the svd-llm factorization for the inputs it gets once q/k/v
+    are factorized; the one-pass statistics (dense block) give another o_proj but the same q/k/v."""
+    from factorlm.compressor.methods import InputStats, MethodOptions, get_method
+
+    ids = _ids(4, 32)
+    dense, _ = make_tiny_model()
+    seq, one = copy.deepcopy(dense), copy.deepcopy(dense)
+    compress_model(seq, CompressionRecipe(method="svd-llm", keep=0.5), ids, progress=False)
+    compress_model(one, CompressionRecipe(method="svd-llm", keep=0.5, sequential=False), ids, progress=False)
+    b_seq, b_one, b_dense = (decoder_layers(m)[0].self_attn for m in (seq, one, dense))
+    torch.testing.assert_close(b_seq.q_proj.weight_u, b_one.q_proj.weight_u)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(b_dense, name, getattr(b_seq, name))
+    seen = []
+    handle = b_dense.o_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for batch in split_batches(ids, 4):
+            dense(input_ids=batch)
+    handle.remove()
+    x = torch.cat(seen).double()
+    u, v, _ = get_method("svd-llm").factorize(b_dense.o_proj.weight.detach(), InputStats(gram=x.T @ x, count=len(x)),
+                                              b_seq.o_proj.rank, MethodOptions())
+    torch.testing.assert_close(b_seq.o_proj.weight_u @ b_seq.o_proj.weight_v, (u @ v).float(), rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(b_one.o_proj.weight_u @ b_one.o_proj.weight_v, (u @ v).float(), rtol=1e-3, atol=1e-4)
 
 
 def test_holdout_aces_finds_a_systematic_input_error():

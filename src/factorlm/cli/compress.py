@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--aces", default="holdout", choices=["holdout", "energy"],
                    help="saes: choose beta per layer by held-out teacher-output error (default) or by the "
                         "paper's retained-energy ratio")
+    p.add_argument("--stats", default="sequential", choices=["sequential", "one-pass"],
+                   help="calibrated methods: gather each group of a block's linears (q/k/v, o, gate/up, down) "
+                        "after the earlier groups are factorized, so each layer sees its block's error too "
+                        "(sequential, default), or all from one pass of the dense block (faster)")
     corr = p.add_argument_group("correctors (CALR: trained low-rank correctors, folded into the factors at save)")
     corr.add_argument("--corrector", default=None, metavar="auto|RANK",
                       help="add a corrector to every factored layer: 'auto' sizes ranks from the residual energy "
@@ -66,6 +70,7 @@ def build_recipe(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe,
         rank_multiple=args.rank_multiple, min_rank=args.min_rank, source=str(args.model), calib=args.calib,
         calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, device=args.device,
         batch_size=args.batch_size, beta=args.beta, aces=args.aces,
+        sequential=args.stats == "sequential",
     )
 
 

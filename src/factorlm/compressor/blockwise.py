@@ -67,6 +67,22 @@ def factorize_linear(linear: nn.Linear, method: Method, stats: InputStats | None
     return layer, fields
 
 
+def input_groups(names: Sequence[str], stats: Mapping[str, InputStats]) -> list[list[str]]:
+    """``names`` (execution order) split into groups of linears that read the same input tensor.
+
+    Linears sharing one :class:`InputStats` read one tensor (q/k/v, gate/up); without statistics
+    every linear is its own group.
+    """
+    groups: list[list[str]] = []
+    for name in names:
+        st = stats.get(name)
+        if groups and st is not None and stats.get(groups[-1][0]) is st:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
 @dataclass
 class StreamResult:
     """Per-layer report rows (in execution order) of a streaming compression."""
@@ -77,13 +93,17 @@ class StreamResult:
 def compress_blocks(
     model: nn.Module, captured: CapturedInputs | None, plan: Mapping[str, int | None], method: Method,
     opts: MethodOptions, *, hooks: Sequence[BlockHook] = (), device: torch.device | str = "cpu",
-    keep_teacher: bool | None = None, progress: bool = True,
+    keep_teacher: bool | None = None, progress: bool = True, sequential: bool = True,
 ) -> list[dict[str, Any]]:
     """Factorize every block linear in place, block by block; returns the report rows.
 
     ``captured`` holds block-0 inputs and block kwargs (``None`` only for methods that need
     no calibration and when there are no hooks). The teacher stream is kept when the method
-    needs it or hooks are given (``keep_teacher`` overrides).
+    needs it or hooks are given (``keep_teacher`` overrides). With ``sequential`` (default)
+    the linears of a block are factorized group by group in execution order (q/k/v, o,
+    gate/up, down), each group's statistics gathered with the earlier groups already
+    factorized, so a layer also sees the error made earlier in its own block; otherwise all
+    statistics come from the dense block (one pass).
     """
     device = torch.device(device)
     spec = get_arch(model.config)
@@ -105,36 +125,45 @@ def compress_blocks(
         bstats = None
         if streaming:
             bstats = block_statistics(block, names, student, teacher, kwargs, device, where=prefix)
-        dense_block = copy.deepcopy(block) if hooks else None
+        dense_block = copy.deepcopy(block) if hooks or (streaming and sequential and teacher is not None) else None
         stats_time = time.perf_counter() - started
         ranks: dict[str, int | None] = {}
         block_rows: dict[str, dict[str, Any]] = {}
-        for local in names:
-            full = f"{prefix}.{local}"
-            linear = block.get_submodule(local)
-            check_finite_weight(full, linear.weight)
-            rank = plan.get(full)
-            ranks[full] = rank
-            shape = LayerShape(linear.out_features, linear.in_features)
-            row: dict[str, Any] = {"module": full, "shape": [shape.out_features, shape.in_features],
-                                   "params_before": shape.dense_params}
-            t0 = time.perf_counter()
-            if rank is None:
-                row.update(rank=None, dense=True, params_after=shape.dense_params, rel_weight_error=0.0,
-                           rel_output_error=0.0)
-            else:
-                st = bstats.stats[local] if bstats is not None else None
-                layer, fields = factorize_linear(linear, method, st, rank, opts, device)
-                _set_submodule(block, local, layer)
-                row.update(rank=rank, dense=False, params_after=shape.factored_params(rank), **fields)
-            row["time_s"] = round(time.perf_counter() - t0 + stats_time / len(names), 4)
-            block_rows[full] = row
+        stats = dict(bstats.stats) if bstats is not None else {}
+        for stage, group in enumerate(input_groups(names, stats)):
+            if stage and sequential and streaming and any(plan.get(f"{prefix}.{n}") is not None for n in group):
+                # the inputs of this group now carry the error of the block's earlier, factorized linears
+                t0 = time.perf_counter()
+                stats.update(block_statistics(block, group, student, teacher, kwargs, device, where=prefix,
+                                              teacher_block=dense_block, outputs=False).stats)
+                stats_time += time.perf_counter() - t0
+            for local in group:
+                full = f"{prefix}.{local}"
+                linear = block.get_submodule(local)
+                check_finite_weight(full, linear.weight)
+                rank = plan.get(full)
+                ranks[full] = rank
+                shape = LayerShape(linear.out_features, linear.in_features)
+                row: dict[str, Any] = {"module": full, "shape": [shape.out_features, shape.in_features],
+                                       "params_before": shape.dense_params}
+                t0 = time.perf_counter()
+                if rank is None:
+                    row.update(rank=None, dense=True, params_after=shape.dense_params, rel_weight_error=0.0,
+                               rel_output_error=0.0)
+                else:
+                    layer, fields = factorize_linear(linear, method, stats.get(local), rank, opts, device)
+                    _set_submodule(block, local, layer)
+                    row.update(rank=rank, dense=False, params_after=shape.factored_params(rank), **fields)
+                row["time_s"] = round(time.perf_counter() - t0, 4)
+                block_rows[full] = row
+        for row in block_rows.values():
+            row["time_s"] = round(row["time_s"] + stats_time / len(names), 4)
         for hook in hooks:
             ctx = BlockContext(
                 index=index, num_blocks=len(layers), block=block, dense_block=dense_block,  # type: ignore[arg-type]
                 student_inputs=student, teacher_inputs=teacher if teacher is not None else student,
                 block_kwargs=kwargs, linear_names={local: f"{prefix}.{local}" for local in names}, ranks=ranks,
-                grams={local: bstats.stats[local].gram for local in names} if bstats is not None else {},
+                grams={local: stats[local].gram for local in names} if bstats is not None else {},
                 device=device,
             )
             for full, extra in (hook(ctx) or {}).items():

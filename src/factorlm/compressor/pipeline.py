@@ -72,6 +72,7 @@ class CompressionRecipe:
     beta: float | None = None
     aces: str = "holdout"
     damping: float = 1e-6
+    sequential: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_yaml(self) -> str:
@@ -138,7 +139,8 @@ def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Ten
     alloc_time = time.perf_counter() - alloc_started
 
     factor_started = time.perf_counter()
-    rows = compress_blocks(model, captured, plan, method, opts, hooks=hooks, device=device, progress=progress)
+    rows = compress_blocks(model, captured, plan, method, opts, hooks=hooks, device=device, progress=progress,
+                           sequential=recipe.sequential)
     hook_totals: dict[str, Any] = {}
     for hook in hooks:
         hook_totals.update(hook.finalize(model, calib) or {})

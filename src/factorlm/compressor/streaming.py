@@ -118,21 +118,32 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
     return out[0] if isinstance(out, tuple) else out
 
 
+class _InputsSeen(Exception):
+    """Raised by :func:`record_inputs` with ``stop=True`` once every named input was seen."""
+
+
 @contextlib.contextmanager
-def record_inputs(block: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def record_inputs(block: nn.Module, names: Sequence[str], *, stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Record the input tensor of every named linear of ``block`` during the forwards inside.
 
     Use under ``torch.no_grad()``: the tensors are kept as passed (not detached copies), so that
     linears fed the very same tensor (q/k/v, gate/up) can be recognised and share statistics.
+    With ``stop=True`` the forward is cut short once all named inputs were seen (the rest of
+    the block is not needed); the ``with`` body then ends there, without an output.
     """
     seen: dict[str, torch.Tensor] = {}
     handles = []
+    wanted = set(names)
     for name in names:
         def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
             seen[name] = inputs[0]  # the object itself: linears reading one tensor are grouped by identity
+            if stop and wanted.issubset(seen):
+                raise _InputsSeen
         handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
     try:
         yield seen
+    except _InputsSeen:
+        pass
     finally:
         for h in handles:
             h.remove()
@@ -168,34 +179,43 @@ class BlockStats:
 def block_statistics(
     block: nn.Module, names: Sequence[str], student_in: Sequence[torch.Tensor],
     teacher_in: Sequence[torch.Tensor] | None, kwargs: dict[str, Any], device: torch.device,
-    *, where: str = "",
+    *, where: str = "", teacher_block: nn.Module | None = None, outputs: bool = True,
 ) -> BlockStats:
-    """Run the (still dense) block on both streams and accumulate each linear's statistics.
+    """Run the block on both streams and accumulate the statistics of the ``names`` linears.
 
-    ``gram`` and ``abs_sum`` come from the student stream; ``cross`` (Δ) pairs the teacher's
-    and the student's inputs of the same linear on the same batch. Linears that read the
-    same tensor (q/k/v, gate/up) share one :class:`InputStats`, so one whitening serves them.
-    Outputs are moved to the CPU.
+    ``gram`` and ``abs_sum`` come from the student stream run through ``block``; ``cross`` (Δ)
+    pairs the teacher's inputs (``teacher_in`` through ``teacher_block``, the dense block;
+    default ``block``) and the student's inputs of the same linear on the same batch. When
+    ``block`` already holds some factorized linears, the student inputs of the later linears
+    carry that error, so a method can compensate it. Linears that read the same tensor
+    (q/k/v, gate/up) share one :class:`InputStats`, so one whitening serves them. Outputs
+    are moved to the CPU; with ``outputs=False`` the forwards stop once the named inputs were
+    seen and no outputs are returned.
     """
+    teacher_block = block if teacher_block is None else teacher_block
     stats: dict[str, InputStats] = {}
     student_out: list[torch.Tensor] = []
-    teacher_out: list[torch.Tensor] | None = [] if teacher_in is not None else None
+    teacher_out: list[torch.Tensor] | None = [] if teacher_in is not None and outputs else None
+    stop = not outputs
     for i, xs in enumerate(student_in):
         t_seen: dict[str, torch.Tensor] | None = None
-        if teacher_in is not None and teacher_out is not None:
-            same = teacher_in[i] is xs
-            with record_inputs(block, names) as t_seen:
-                t_y = run_block(block, teacher_in[i].to(device), kwargs)
-            teacher_out.append(t_y.to("cpu"))
-            if same:  # identical streams (block 0): the student pass would repeat this one
+        s_y = t_y = None
+        if teacher_in is not None:
+            same = teacher_in[i] is xs and teacher_block is block
+            with record_inputs(teacher_block, names, stop=stop) as t_seen:
+                t_y = run_block(teacher_block, teacher_in[i].to(device), kwargs)
+            if teacher_out is not None and t_y is not None:
+                teacher_out.append(t_y.to("cpu"))
+            if same:  # identical streams through the same block: the student pass would repeat this one
                 s_seen, s_y = t_seen, t_y
             else:
-                with record_inputs(block, names) as s_seen:
+                with record_inputs(block, names, stop=stop) as s_seen:
                     s_y = run_block(block, xs.to(device), kwargs)
         else:
-            with record_inputs(block, names) as s_seen:
+            with record_inputs(block, names, stop=stop) as s_seen:
                 s_y = run_block(block, xs.to(device), kwargs)
-        student_out.append(s_y.to("cpu"))
+        if outputs and s_y is not None:
+            student_out.append(s_y.to("cpu"))
         if not stats:
             _group(stats, names, s_seen)
         done: set[int] = set()
