@@ -133,6 +133,7 @@ def test_run_offline_torch_on_tiny_model(tiny_pair):
     assert result["skipped"] == {}  # llamacpp without a GGUF has nothing to run
     text = format_markdown(result, "cmd")
     assert "| torch | factored | 2 |" in text and "bytes-read ratio" in text
+    assert "Load time" in text and "torch/dense" in text
 
 
 def test_unknown_engine_is_a_clear_error():

@@ -277,6 +277,10 @@ def format_markdown(result: dict[str, Any], command: str = "") -> str:
             met = "-" if q["target_met"] is None else ("met" if q["target_met"] else "not met")
             lines.append(f"| {q['engine']} | {q['batch']} | {q['decode_speedup']:.2f}x | {q['ttft_speedup']:.2f}x | "
                          f"{q['bytes_ratio']:.2f}x | {q['speedup_over_bytes_ratio']:.2f} | {met} |")
+    loads = [f"{key} {info['load_s']:.2f} s" for key, info in sorted(result.get("models", {}).items())
+             if "load_s" in info]
+    if loads:
+        lines += ["", "Load time (engine/model, first load in this process): " + ", ".join(loads) + "."]
     for key, reason in result["skipped"].items():
         lines.append(f"\nSkipped {key}: {reason}")
     memory = {
