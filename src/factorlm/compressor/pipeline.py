@@ -114,10 +114,13 @@ def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Ten
     keep = None if recipe.reduction is not None else recipe.keep
     budget = linear_budget(shapes, params_before, keep=keep, reduction=recipe.reduction, reserved=reserved)
     captured = None
-    if calib is not None:
+    needed = _needs_calibration(recipe, hooks)
+    if calib is not None and needed:
         captured = capture_block_inputs(model, split_batches(calib, recipe.batch_size))
-    elif _needs_calibration(recipe, hooks):
+    elif needed:
         raise FactorlmError(f"method {recipe.method!r} with allocation {recipe.allocation!r} needs calibration data")
+    else:
+        calib = None  # plain svd with a weight-only allocation: block forwards on calibration text would be wasted
 
     alloc_started = time.perf_counter()
     spectra = importance = factors = None
