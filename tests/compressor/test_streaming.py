@@ -176,6 +176,22 @@ def test_sequential_statistics_see_the_blocks_earlier_factorizations():
     assert not torch.allclose(b_one.o_proj.weight_u @ b_one.o_proj.weight_v, (u @ v).float(), rtol=1e-3, atol=1e-4)
 
 
+def test_sequential_saes_runs_the_teacher_block_once_per_block():
+    """The dense block's inputs are recorded once per block and reused by every input group: a block
+    runs once on the teacher stream, once per group on the student stream (cut short after the
+    group's input) and once to advance the student (plus the capture of the block inputs)."""
+    ids = _ids(4, 32)
+    model, _ = make_tiny_model()
+    calls: list[int] = []
+    for index, block in enumerate(decoder_layers(model)):
+        block.register_forward_pre_hook(lambda _m, _a, index=index: calls.append(index))
+    compress_model(model, CompressionRecipe(method="saes", keep=0.5, batch_size=2), ids, progress=False)
+    batches = len(split_batches(ids, 2))
+    groups = 4  # q/k/v, o, gate/up, down
+    for index in range(len(decoder_layers(model))):
+        assert calls.count(index) == (1 + 1 + groups + 1) * batches
+
+
 def test_holdout_aces_finds_a_systematic_input_error():
     """Planted: the student input is a fixed distortion of the teacher's; with plenty of tokens the
     held-out criterion picks a large beta and beats beta = 0 on fresh data."""

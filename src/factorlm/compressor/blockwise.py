@@ -34,7 +34,8 @@ from .allocation import LayerSpectrum, sublayer_importance
 from .budget import LayerShape
 from .hooks import BlockContext, BlockHook
 from .methods import InputStats, Method, MethodOptions, output_error, spectrum_energy
-from .streaming import CapturedInputs, block_statistics, check_finite_activations, run_block, sublayer_of, to_device
+from .streaming import (CapturedInputs, block_statistics, check_finite_activations, groups_of, probe_groups, run_block,
+                        sublayer_of, teacher_pass, to_device)
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ def compress_blocks(
     the linears of a block are factorized group by group in execution order (q/k/v, o,
     gate/up, down), each group's statistics gathered with the earlier groups already
     factorized, so a layer also sees the error made earlier in its own block; otherwise all
-    statistics come from the dense block (one pass).
+    statistics come from the dense block (one pass). The teacher stream runs the dense block
+    once per block (:func:`.streaming.teacher_pass`, its linears' inputs kept on the CPU), so a
+    group costs one student forward that stops after the group's input.
     """
     device = torch.device(device)
     spec = get_arch(model.config)
@@ -122,20 +125,26 @@ def compress_blocks(
         block.to(device)
         kwargs = to_device(captured.block_kwargs[index], device) if streaming else {}
         started = time.perf_counter()
-        bstats = None
-        if streaming:
-            bstats = block_statistics(block, names, student, teacher, kwargs, device, where=prefix)
-        dense_block = copy.deepcopy(block) if hooks or (streaming and sequential and teacher is not None) else None
+        dense_block = copy.deepcopy(block) if hooks else None
+        record = teacher_pass(block, names, teacher, kwargs, device, where=prefix) if teacher is not None else None
+        stats: dict[str, InputStats] = {}
+        if not streaming:
+            groups = [[n] for n in names]
+        elif not sequential:
+            stats = block_statistics(block, names, student, record, kwargs, device, where=prefix, outputs=False).stats
+            groups = input_groups(names, stats)
+        else:
+            groups = groups_of(names, record.inputs[0]) if record is not None else \
+                probe_groups(block, names, student[0], kwargs, device)
         stats_time = time.perf_counter() - started
         ranks: dict[str, int | None] = {}
         block_rows: dict[str, dict[str, Any]] = {}
-        stats = dict(bstats.stats) if bstats is not None else {}
-        for stage, group in enumerate(input_groups(names, stats)):
-            if stage and sequential and streaming and any(plan.get(f"{prefix}.{n}") is not None for n in group):
-                # the inputs of this group now carry the error of the block's earlier, factorized linears
+        for group in groups:
+            if streaming and sequential and (hooks or any(plan.get(f"{prefix}.{n}") is not None for n in group)):
+                # the student inputs of this group carry the error of the block's earlier, factorized linears
                 t0 = time.perf_counter()
-                stats.update(block_statistics(block, group, student, teacher, kwargs, device, where=prefix,
-                                              teacher_block=dense_block, outputs=False).stats)
+                stats.update(block_statistics(block, group, student, record, kwargs, device, where=prefix,
+                                              outputs=False).stats)
                 stats_time += time.perf_counter() - t0
             for local in group:
                 full = f"{prefix}.{local}"
@@ -163,7 +172,7 @@ def compress_blocks(
                 index=index, num_blocks=len(layers), block=block, dense_block=dense_block,  # type: ignore[arg-type]
                 student_inputs=student, teacher_inputs=teacher if teacher is not None else student,
                 block_kwargs=kwargs, linear_names={local: f"{prefix}.{local}" for local in names}, ranks=ranks,
-                grams={local: stats[local].gram for local in names} if bstats is not None else {},
+                grams={local: stats[local].gram for local in names if local in stats},
                 device=device,
             )
             for full, extra in (hook(ctx) or {}).items():
@@ -175,8 +184,8 @@ def compress_blocks(
                 nxt = [run_block(block, x.to(device), kwargs).to("cpu") for x in student]
             for t in nxt:
                 check_finite_activations(t, f"output of block {prefix}")
-            if teacher is not None:
-                teacher = bstats.teacher_out if bstats is not None and bstats.teacher_out is not None else None
+            if record is not None:
+                teacher = record.outputs
             student = nxt
         rows.extend(block_rows.values())
         block.to("cpu")

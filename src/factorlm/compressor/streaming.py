@@ -175,46 +175,89 @@ class BlockStats:
     teacher_out: list[torch.Tensor] | None
 
 
+@dataclass
+class TeacherRecord:
+    """What the dense block did on the teacher stream: each named linear's input and the
+    block's output, one entry per calibration batch (on the CPU).
+
+    Linears that read the same tensor (q/k/v, gate/up) share one tensor object in
+    ``inputs``, so the record also tells the input groups. Recording the teacher once per
+    block, before any of its linears is factorized, is what lets the sequential compressor
+    gather each group's statistics with a student forward alone.
+    """
+
+    inputs: list[dict[str, torch.Tensor]]
+    outputs: list[torch.Tensor]
+
+
+@torch.no_grad()
+def teacher_pass(block: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor], kwargs: dict[str, Any],
+                 device: torch.device, *, where: str = "") -> TeacherRecord:
+    """Run the (dense) ``block`` on the teacher stream once, recording the ``names`` linears' inputs."""
+    record = TeacherRecord([], [])
+    for x in inputs:
+        with record_inputs(block, names) as seen:
+            y = run_block(block, x.to(device), kwargs)
+        moved: dict[int, torch.Tensor] = {}
+        batch: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name not in seen:
+                raise FactorlmError(f"linear {name!r} was not called in the block forward")
+            t = seen[name]
+            if id(t) not in moved:
+                check_finite_activations(t, f"layer {where + '.' if where else ''}{name} (teacher stream)")
+                moved[id(t)] = t.detach().to("cpu")
+            batch[name] = moved[id(t)]
+        record.inputs.append(batch)
+        record.outputs.append(y.to("cpu"))
+    return record
+
+
+@torch.no_grad()
+def probe_groups(block: nn.Module, names: Sequence[str], x: torch.Tensor, kwargs: dict[str, Any],
+                 device: torch.device) -> list[list[str]]:
+    """``names`` split into groups of linears that read the same input tensor, from one forward on ``x``."""
+    with record_inputs(block, names, stop=True) as seen:
+        run_block(block, x.to(device), kwargs)
+    return groups_of(names, seen)
+
+
+def groups_of(names: Sequence[str], seen: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Consecutive ``names`` whose recorded input is one tensor object form one group."""
+    groups: list[list[str]] = []
+    for name in names:
+        if name not in seen:
+            raise FactorlmError(f"linear {name!r} was not called in the block forward")
+        if groups and seen[groups[-1][0]] is seen[name]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
 @torch.no_grad()
 def block_statistics(
     block: nn.Module, names: Sequence[str], student_in: Sequence[torch.Tensor],
-    teacher_in: Sequence[torch.Tensor] | None, kwargs: dict[str, Any], device: torch.device,
-    *, where: str = "", teacher_block: nn.Module | None = None, outputs: bool = True,
+    teacher: TeacherRecord | None, kwargs: dict[str, Any], device: torch.device,
+    *, where: str = "", outputs: bool = True,
 ) -> BlockStats:
-    """Run the block on both streams and accumulate the statistics of the ``names`` linears.
+    """Run ``block`` on the student stream and accumulate the statistics of the ``names`` linears.
 
     ``gram`` and ``abs_sum`` come from the student stream run through ``block``; ``cross`` (Δ)
-    pairs the teacher's inputs (``teacher_in`` through ``teacher_block``, the dense block;
-    default ``block``) and the student's inputs of the same linear on the same batch. When
-    ``block`` already holds some factorized linears, the student inputs of the later linears
-    carry that error, so a method can compensate it. Linears that read the same tensor
-    (q/k/v, gate/up) share one :class:`InputStats`, so one whitening serves them. Outputs
-    are moved to the CPU; with ``outputs=False`` the forwards stop once the named inputs were
-    seen and no outputs are returned.
+    pairs the teacher's inputs of the same linear on the same batch (``teacher``, recorded by
+    :func:`teacher_pass` on the dense block) with the student's. When ``block`` already holds
+    some factorized linears, the student inputs of the later linears carry that error, so a
+    method can compensate it. Linears that read the same tensor (q/k/v, gate/up) share one
+    :class:`InputStats`, so one whitening serves them. Outputs are moved to the CPU; with
+    ``outputs=False`` each forward stops once the named inputs were seen and no outputs are
+    returned.
     """
-    teacher_block = block if teacher_block is None else teacher_block
     stats: dict[str, InputStats] = {}
     student_out: list[torch.Tensor] = []
-    teacher_out: list[torch.Tensor] | None = [] if teacher_in is not None and outputs else None
-    stop = not outputs
     for i, xs in enumerate(student_in):
-        t_seen: dict[str, torch.Tensor] | None = None
-        s_y = t_y = None
-        if teacher_in is not None:
-            same = teacher_in[i] is xs and teacher_block is block
-            with record_inputs(teacher_block, names, stop=stop) as t_seen:
-                t_y = run_block(teacher_block, teacher_in[i].to(device), kwargs)
-            if teacher_out is not None and t_y is not None:
-                teacher_out.append(t_y.to("cpu"))
-            if same:  # identical streams through the same block: the student pass would repeat this one
-                s_seen, s_y = t_seen, t_y
-            else:
-                with record_inputs(block, names, stop=stop) as s_seen:
-                    s_y = run_block(block, xs.to(device), kwargs)
-        else:
-            with record_inputs(block, names, stop=stop) as s_seen:
-                s_y = run_block(block, xs.to(device), kwargs)
-        if outputs and s_y is not None:
+        with record_inputs(block, names, stop=not outputs) as s_seen:
+            s_y = run_block(block, xs.to(device), kwargs)
+        if outputs:
             student_out.append(s_y.to("cpu"))
         if not stats:
             _group(stats, names, s_seen)
@@ -235,16 +278,12 @@ def block_statistics(
             a = flat.double().abs().sum(0)
             st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
             st.count += flat.shape[0]
-            if t_seen is not None and t_seen is not s_seen:
-                xt = t_seen[name].reshape(flat.shape)
+            if teacher is not None:
+                xt = teacher.inputs[i][name].to(flat.device).reshape(flat.shape)
                 cross = (xt.float() - flat.float()).T @ flat.float()
                 st.cross = _add(st.cross, cross)
                 half.cross = _add(half.cross, cross)
-            elif t_seen is not None:
-                zero = torch.zeros(flat.shape[-1], flat.shape[-1], dtype=torch.float64, device=flat.device)
-                st.cross = zero if st.cross is None else st.cross
-                half.cross = zero if half.cross is None else half.cross
-    return BlockStats(stats, student_out, teacher_out)
+    return BlockStats(stats, student_out, teacher.outputs if teacher is not None and outputs else None)
 
 
 def _add(total: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
