@@ -65,9 +65,16 @@ def grid_methods(keeps: list[float]) -> list[tuple[str, list[str]]]:
 
 
 def grid_allocation(keeps: list[float]) -> list[tuple[str, list[str]]]:
-    """svd-llm and saes under every rank allocation rule."""
-    return [(f"{m}-{a}-k{k}", ["--method", m, "--allocation", a, "--keep", str(k)])
-            for k in keeps for m in ("svd-llm", "saes") for a in ALLOCATIONS]
+    """saes under every rank allocation rule; the uniform row is the methods grid's saes row
+    (same name and arguments, so its cached checkpoint and scores are shared)."""
+    out = []
+    for k in keeps:
+        for a in ALLOCATIONS:
+            if a == "uniform":
+                out.append((f"saes-k{k}", ["--method", "saes", "--keep", str(k)]))
+            else:
+                out.append((f"saes-{a}-k{k}", ["--method", "saes", "--allocation", a, "--keep", str(k)]))
+    return out
 
 
 def grid_correctors(keeps: list[float]) -> list[tuple[str, list[str]]]:
@@ -251,6 +258,9 @@ def report_rows(entries: list[dict[str, Any]], dense_params: int) -> list[dict[s
         totals = json.loads(rep.read_text()).get("totals", {}) if rep and rep.is_file() else {}
         e["method"] = "dense" if e["name"] == "dense" else totals.get("method")
         e["linear_keep"] = 1.0 if e["name"] == "dense" else totals.get("linear_keep")
+        e["allocation"] = totals.get("allocation")
+        e["dense_modules"] = totals.get("dense_modules")
+        e["allocation_s"] = totals.get("allocation_time_s")
         avg = s["zeroshot"]["average"]
         e["retention"] = avg / dense_avg if dense_avg else None
     return entries
@@ -266,7 +276,8 @@ def flat_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"config": e["name"], "method": e.get("method") or e["name"],
                      "linear_kept_actual": e.get("linear_keep"), "model_params_removed": e.get("model_removed"),
                      "wikitext2_ppl": e["scores"]["ppl"], "zeroshot_avg": zs["average"],
-                     "retention": e.get("retention"),
+                     "retention": e.get("retention"), "allocation": e.get("allocation"),
+                     "dense_modules": e.get("dense_modules"), "allocation_s": e.get("allocation_s"),
                      **{f"{t}_acc": r["acc"] for t, r in zs["tasks"].items()},
                      **{f"{t}_acc_norm": r["acc_norm"] for t, r in zs["tasks"].items() if r["acc_norm"] is not None}})
     return rows
@@ -293,8 +304,8 @@ def _f(v: Any, fmt: str) -> str:
 def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     tasks = meta["settings"]["tasks"]
     head = ["config", "model params removed %", "linear kept %", "WikiText-2 ppl",
-            *[f"{t} acc / norm" for t in tasks], "avg acc ± se", "retention", "compress wall s", "compress CPU s",
-            "compress peak MiB"]
+            *[f"{t} acc / norm" for t in tasks], "avg acc ± se", "retention", "allocation (dense modules)",
+            "allocation s", "compress wall s", "compress CPU s", "compress peak MiB"]
     lines = [f"# Quality: {meta['name']}", "",
              f"- model: SmolLM2-135M-Instruct fp32 (factorlm sample-model), dense = the dequantized checkpoint",
              f"- calibration: {meta['calibration']}",
@@ -318,7 +329,9 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
         c = e.get("compress", {})
         se = avg_stderr(s["zeroshot"])
         cells += [_f(s["zeroshot"]["average"], ".4f") + (f" ± {se:.3f}" if se is not None else ""),
-                  _f(e["retention"], ".3f"), _f(c.get("wall_s"), ".1f"),
+                  _f(e["retention"], ".3f"),
+                  "-" if not e.get("allocation") else f"{e['allocation']} ({e.get('dense_modules', 0)})",
+                  _f(e.get("allocation_s"), ".1f"), _f(c.get("wall_s"), ".1f"),
                   _f(c.get("cpu_s"), ".1f"), _f(c.get("peak_rss_mib"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "n per task and standard errors are in the JSON file. Commands:", "",

@@ -25,6 +25,10 @@ def test_grids_have_unique_names_and_method_flags():
         configs = grid([0.9, 0.8])
         assert len({c[0] for c in configs}) == len(configs), name
     assert ("svd-llm-k0.9", ["--method", "svd-llm", "--keep", "0.9"]) in bq.grid_methods([0.9])
+    # the allocation grid's uniform row is the methods grid's saes row: one cached checkpoint
+    assert ("saes-k0.9", ["--method", "saes", "--keep", "0.9"]) in bq.grid_allocation([0.9])
+    assert {c[0] for c in bq.grid_allocation([0.9])} == {"saes-k0.9", "saes-energy-k0.9", "saes-greedy-k0.9",
+                                                         "saes-mgaa-k0.9", "saes-ara-k0.9"}
     assert bq.config_dir("a", ["--keep", "0.9"]) == bq.config_dir("a", ["--keep", "0.9"])
     assert bq.config_dir("a", ["--keep", "0.9"]) != bq.config_dir("a", ["--keep", "0.8"])
 
@@ -45,7 +49,7 @@ def test_report_rows_retention_and_markdown(tmp_path):
     md = tmp_path / "q.md"
     bq.write_markdown(md, entries, meta)
     text = md.read_text()
-    assert "| svd-k0.9 | 8.00 | - | 90.000 | 0.500 / 0.500 | 0.400 / - | 0.4500 | 0.750 | 12.0 | - | 900 |" in text
+    assert "| svd-k0.9 | 8.00 | - | 90.000 | 0.500 / 0.500 | 0.400 / - | 0.4500 | 0.750 | - | - | 12.0 | - | 900 |" in text
     assert "| broken | failed: factorlm compress: error: unrecognized arguments: --corrector auto |" in text
 
 
