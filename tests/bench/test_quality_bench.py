@@ -1,4 +1,4 @@
-"""benchmarks/bench_quality.py: grids, cache keys, the report table, and a failing config that stays contained."""
+"""bench_quality.py and quality_report.py: grids, cache keys, the report table, a failing config contained."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).parents[2] / "benchmarks" / "bench_quality.py"
-_SPEC = importlib.util.spec_from_file_location("bench_quality", _PATH)
-bq = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bq)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bq = _load("bench_quality")
+qr = _load("quality_report")
 
 
 def _scores(ppl: float, accs: dict[str, float], params: int) -> dict:
@@ -38,16 +45,16 @@ def test_report_rows_retention_and_markdown(tmp_path):
                {"name": "svd-k0.9", "scores": _scores(90.0, {"piqa": 0.5, "boolq": 0.4}, 92),
                 "compress": {"wall_s": 12.0, "peak_rss_mib": 900.0, "command": "factorlm compress sample ..."}},
                {"name": "broken", "error": "factorlm compress: error: unrecognized arguments: --corrector auto"}]
-    bq.report_rows(entries, 100)
+    qr.report_rows(entries, 100)
     assert abs(entries[1]["model_removed"] - 0.08) < 1e-12 and abs(entries[1]["retention"] - 0.75) < 1e-12
-    rows = bq.flat_rows(entries)
+    rows = qr.flat_rows(entries)
     assert [r["config"] for r in rows] == ["dense", "svd-k0.9"] and rows[0]["linear_kept_actual"] == 1.0
     assert rows[1]["wikitext2_ppl"] == 90.0 and rows[1]["piqa_acc_norm"] == 0.5 and "boolq_acc_norm" not in rows[1]
     meta = {"name": "t", "settings": {"tasks": ["piqa", "boolq"], "ppl_tokens": 8192, "threads": 1},
             "calibration": "c", "zeroshot_note": "z", "cpu": "x", "load_start": [1], "load_end": [1], "wall_s": 3.0,
             "command": "python benchmarks/bench_quality.py"}
     md = tmp_path / "q.md"
-    bq.write_markdown(md, entries, meta)
+    qr.write_markdown(md, entries, meta)
     text = md.read_text()
     assert "| svd-k0.9 | 8.00 | - | 90.000 | 0.500 / 0.500 | 0.400 / - | 0.4500 | 0.750 | - | - | 12.0 | - | 900 |" in text
     assert "| broken | failed: factorlm compress: error: unrecognized arguments: --corrector auto |" in text
@@ -55,7 +62,7 @@ def test_report_rows_retention_and_markdown(tmp_path):
 
 def test_public_hides_home_and_text_path():
     home = str(Path.home())
-    out = bq.public({"dir": f"{home}/.cache/x", "cmd": "--wikitext /data/wiki.raw"}, "/data/wiki.raw")
+    out = qr.public({"dir": f"{home}/.cache/x", "cmd": "--wikitext /data/wiki.raw"}, "/data/wiki.raw")
     assert out == {"dir": "~/.cache/x", "cmd": "--wikitext WIKI"}
 
 
@@ -82,5 +89,5 @@ def test_stale_score_lock_is_detected(tmp_path):
 
 def test_average_stderr_combines_tasks():
     zs = {"tasks": {"a": {"acc_stderr": 0.3}, "b": {"acc_stderr": 0.4}}}
-    assert abs(bq.avg_stderr(zs) - 0.25) < 1e-12  # sqrt(0.09 + 0.16) / 2
-    assert bq.avg_stderr({"tasks": {"a": {"acc_stderr": None}}}) is None
+    assert abs(qr.avg_stderr(zs) - 0.25) < 1e-12  # sqrt(0.09 + 0.16) / 2
+    assert qr.avg_stderr({"tasks": {"a": {"acc_stderr": None}}}) is None
