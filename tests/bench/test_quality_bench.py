@@ -60,6 +60,25 @@ def test_report_rows_retention_and_markdown(tmp_path):
     assert "| broken | failed: factorlm compress: error: unrecognized arguments: --corrector auto |" in text
 
 
+def test_report_reads_allocation_from_the_checkpoint_report(tmp_path):
+    folder = tmp_path / "saes-mgaa-k0.9"
+    folder.mkdir()
+    totals = {"method": "saes", "allocation": "mgaa", "linear_keep": 0.9, "dense_modules": 12,
+              "allocation_time_s": 61.5}
+    (folder / "factorlm_report.json").write_text(json.dumps({"layers": [], "totals": totals}))
+    entries = [{"name": "dense", "scores": _scores(20.0, {"piqa": 0.6}, 100)},
+               {"name": "saes-mgaa-k0.9", "dir": str(folder), "scores": _scores(30.0, {"piqa": 0.5}, 92),
+                "compress": {"wall_s": 100.0}}]
+    qr.report_rows(entries, 100)
+    row = qr.flat_rows(entries)[1]
+    assert (row["allocation"], row["dense_modules"], row["allocation_s"], row["linear_kept_actual"]) == \
+        ("mgaa", 12, 61.5, 0.9)
+    meta = {"name": "t", "settings": {"tasks": ["piqa"], "ppl_tokens": 8192, "threads": 1}, "calibration": "c",
+            "zeroshot_note": "z", "cpu": "x", "load_start": [1], "load_end": [1], "wall_s": 3.0, "command": "c"}
+    qr.write_markdown(tmp_path / "q.md", entries, meta)
+    assert "| 0.833 | mgaa (12) | 61.5 | 100.0 |" in (tmp_path / "q.md").read_text()
+
+
 def test_public_hides_home_and_text_path():
     home = str(Path.home())
     out = qr.public({"dir": f"{home}/.cache/x", "cmd": "--wikitext /data/wiki.raw"}, "/data/wiki.raw")
