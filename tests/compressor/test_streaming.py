@@ -192,6 +192,31 @@ def test_sequential_saes_runs_the_teacher_block_once_per_block():
         assert calls.count(index) == (1 + 1 + groups + 1) * batches
 
 
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 16)])
+def test_holdout_errors_match_the_direct_truncation(shape):
+    """The eigen-solve shortcut gives, for every β, the anchored error of the SVD-truncated CEALC map."""
+    from factorlm.compressor.methods import anchored_error, holdout_errors, _truncated_map
+    from factorlm.compressor.whitening import whiten
+
+    g = torch.Generator().manual_seed(1)
+    m, n = shape
+    rank = min(m, n) // 2
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+
+    def stats() -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(200, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+        xf = x + 0.3 * torch.randn(200, n, generator=g, dtype=torch.float64)
+        return x.T @ x, (xf - x).T @ x
+
+    (fit_gram, fit_cross), (held_gram, held_cross) = stats(), stats()
+    white = whiten(fit_gram)
+    fast = holdout_errors(w, white, fit_cross, held_gram, held_cross, rank, dtype=torch.float64)
+    for beta in (0.0, 0.3, 0.9):
+        target = w @ white.sqrt + beta * (w @ fit_cross) @ white.inv_sqrt.T
+        direct = anchored_error(_truncated_map(target, white.inv_sqrt, rank), w, held_gram, held_cross)
+        assert fast(beta) == pytest.approx(direct, rel=1e-6)
+
+
 def test_holdout_aces_finds_a_systematic_input_error():
     """Planted: the student input is a fixed distortion of the teacher's; with plenty of tokens the
     held-out criterion picks a large beta and beats beta = 0 on fresh data."""

@@ -140,9 +140,58 @@ def anchored_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tenso
 
 
 def _truncated_map(target: torch.Tensor, inv_sqrt: torch.Tensor, rank: int) -> torch.Tensor:
-    """``U_r Σ_r V_rᵀ S⁻¹`` of a target in fp32 (candidate evaluation only)."""
-    u, s, vh = torch.linalg.svd(target.float(), full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ (vh[:rank] @ inv_sqrt.float())
+    """``U_r Σ_r V_rᵀ S⁻¹`` of a target (the direct form of a candidate; tests compare against it)."""
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ (vh[:rank] @ inv_sqrt.to(target.dtype))
+
+
+def _sym(a: torch.Tensor) -> torch.Tensor:
+    return a + a.T
+
+
+def holdout_errors(weight: torch.Tensor, white: Whitening, fit_cross: torch.Tensor, held_gram: torch.Tensor,
+                   held_cross: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32
+                   ) -> Callable[[float], float]:
+    """``β ↦ anchored_error(P_r(T(β)) S⁻¹, W, H_h, Δ_h)`` with ``T(β) = W S + β W Δ_f S⁻ᵀ``, cheaply.
+
+    The rank-``r`` truncation ``P_r`` is a projection onto the top eigenvectors of the smaller
+    Gram of ``T(β)``, which is quadratic in β, and both terms of the anchored error are traces
+    of that projection against matrices also polynomial in β. So a few products are formed
+    once, and each candidate β costs one symmetric eigen-solve of the smaller side instead of an
+    SVD and two products with the ``[in, in]`` held-out statistics. In ``dtype`` (fp32 is plenty
+    to rank candidates; the chosen β's factorization is computed in fp64).
+    """
+    w = weight.to(dtype)
+    si = white.inv_sqrt.to(dtype)
+    base = w @ white.sqrt.to(dtype)
+    direction = (w @ fit_cross.to(dtype)) @ si.T
+    gs = (w @ (held_gram + held_cross).to(dtype)) @ si.T  # W C_h S⁻ᵀ
+    m, n = w.shape
+    if m <= n:  # P_r(T) = U Uᵀ T, U: top eigenvectors of T Tᵀ   [m, m]
+        a1 = direction @ si  # T S⁻¹ = W + β a1
+        h = held_gram.to(dtype)
+        wh, ah = w @ h, a1 @ h
+        quad = (wh @ w.T, _sym(wh @ a1.T), ah @ a1.T)
+        lin = (_sym(base @ gs.T), _sym(direction @ gs.T))
+        gram = (base @ base.T, _sym(base @ direction.T), direction @ direction.T)
+
+        def err(beta: float) -> float:
+            _, u = torch.linalg.eigh(gram[0] + beta * gram[1] + beta**2 * gram[2])
+            u = u[:, -rank:]
+            k = quad[0] + beta * quad[1] + beta**2 * quad[2] - (lin[0] + beta * lin[1])  # lin is R + Rᵀ
+            return float(((k @ u) * u).double().sum())
+    else:  # P_r(T) = T V Vᵀ, V: top eigenvectors of Tᵀ T   [n, n]
+        h_hat = si @ held_gram.to(dtype) @ si.T
+        lin = (_sym(base.T @ gs), _sym(direction.T @ gs))
+        gram = (base.T @ base, _sym(base.T @ direction), direction.T @ direction)
+
+        def err(beta: float) -> float:
+            lam, v = torch.linalg.eigh(gram[0] + beta * gram[1] + beta**2 * gram[2])
+            lam, v = lam[-rank:], v[:, -rank:]
+            quad_term = (lam.double() * ((h_hat @ v) * v).double().sum(0)).sum()
+            lin_term = (((lin[0] + beta * lin[1]) @ v) * v).double().sum() / 2
+            return float(quad_term - 2 * lin_term)
+    return err
 
 
 def aces_holdout(weight: torch.Tensor, fit: InputStats, held: InputStats, rank: int, grid: tuple[float, ...],
@@ -155,16 +204,13 @@ def aces_holdout(weight: torch.Tensor, fit: InputStats, held: InputStats, rank: 
     if fit.gram is None or held.gram is None or fit.cross is None or held.cross is None:
         return 0.0, 0.0
     white = fit.whitening(damping)
-    w = weight.float()
-    base = w @ white.sqrt.float()
-    direction = (w @ fit.cross.float()) @ white.inv_sqrt.float().T
-    teacher = float(((weight.float() @ (held.gram + held.cross).float() @ weight.float().T).trace()))
+    teacher = float(((weight.double() @ (held.gram + held.cross).double() @ weight.double().T).trace()))
+    error_of = holdout_errors(weight, white, fit.cross, held.gram, held.cross, rank)
     cache: dict[float, float] = {}
 
     def err(beta: float) -> float:
         if beta not in cache:
-            m = _truncated_map(base + beta * direction, white.inv_sqrt, rank)
-            cache[beta] = anchored_error(m, weight, held.gram, held.cross)
+            cache[beta] = error_of(beta)
         return cache[beta]
 
     points = sorted(grid)
