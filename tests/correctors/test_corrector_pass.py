@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from factorlm.compressor.corrector_pass import CorrectorConfig, CorrectorHook, block_output, fold_all, loss_curve_png
+from factorlm.compressor.corrector_pass import CorrectorConfig, CorrectorHook, block_output, loss_curve_png
 from factorlm.compressor.correctors import CorrectedLinear
 from factorlm.compressor.hooks import BlockContext
 from factorlm.runtime.arch import decoder_layers, get_arch
-from factorlm.runtime.checkpoint import factorize_model
+from factorlm.runtime.checkpoint import factorize_model, fold_correctors
 from factorlm.runtime.factored_linear import FactoredLinear
 from factorlm.runtime.format import FactorlmError
 from factorlm.testing import make_tiny_model
@@ -122,7 +122,7 @@ def test_distillation_lowers_the_kl_and_folds():
     totals = hook.finalize(model, ids)
     first, last = totals["distill_loss"]
     assert last < first
-    assert fold_all(model) == 0
+    assert fold_correctors(model) == 0
 
 
 def test_config_errors():

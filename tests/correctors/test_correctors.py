@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from factorlm.compressor.correctors import (
-    CorrectedLinear,
+    attach_corrector,
     corrector_ranks,
     distill,
     eora_corrector,
@@ -30,7 +30,7 @@ def planted(seed=0, m=48, n=40, N=400):
 def test_folding_is_exact():
     torch.manual_seed(0)
     base = FactoredLinear.from_linear(nn.Linear(40, 48), 8)
-    layer = CorrectedLinear(base, torch.randn(4, 40), torch.randn(48, 4))
+    layer = attach_corrector(base, torch.randn(4, 40), torch.randn(48, 4))
     x = torch.randn(5, 40)
     folded = layer.fold()
     assert folded.rank == 12
@@ -65,7 +65,7 @@ def test_training_lowers_functional_residual():
     dense = nn.Linear(40, 48, bias=False)
     dense.weight.data = w
     base = FactoredLinear.from_linear(dense, 8)
-    layer = CorrectedLinear(base, torch.zeros(4, 40), torch.randn(48, 4) * 0.01)
+    layer = attach_corrector(base, torch.zeros(4, 40), torch.randn(48, 4) * 0.01)
     targets = dense(x).detach()
     losses = train_layer(layer, x, targets, steps=150, lr=1e-2)
     assert losses[-1] < 0.7 * losses[0]
@@ -89,17 +89,17 @@ def test_distillation_reduces_kl_and_folded_checkpoint_loads(tmp_path):
     wrapped = {}
     for name, mod in compressible_linears(student).items():
         parent, _, child = name.rpartition(".")
-        c = CorrectedLinear(mod, torch.zeros(4, mod.in_features), torch.zeros(mod.out_features, 4))
+        c = attach_corrector(mod, torch.zeros(4, mod.in_features), torch.zeros(mod.out_features, 4))
         setattr(student.get_submodule(parent), child, c)
         wrapped[name] = c
     for p in student.parameters():
         p.requires_grad_(False)
     params = []
     for c in wrapped.values():
-        c.corr_a.data.normal_(0, 0.01)
-        params += [c.corr_a, c.corr_b]
-        c.corr_a.requires_grad_(True)
-        c.corr_b.requires_grad_(True)
+        c.corrector_a.data.normal_(0, 0.01)
+        params += [c.corrector_a, c.corrector_b]
+        c.corrector_a.requires_grad_(True)
+        c.corrector_b.requires_grad_(True)
     batches = [tok("The quick brown fox jumps over the lazy dog. " * 2, return_tensors="pt").input_ids]
     with torch.no_grad():
         teacher_lp = [teacher(input_ids=b).logits.log_softmax(-1) for b in batches]

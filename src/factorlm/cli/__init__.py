@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "factorlm.cli.eval",
     "factorlm.cli.bench",
     "factorlm.cli.inspect",
+    "factorlm.cli.fold",
     "factorlm.cli.calib_text",
 ]
 

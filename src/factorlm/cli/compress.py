@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     corr.add_argument("--corrector-lr", type=float, default=1e-3, help="learning rate of the layer/block stages")
     corr.add_argument("--corrector-train", choices=("corrector", "all"), default="all",
                       help="train the factors together with the correctors (all, default) or the correctors only")
+    corr.add_argument("--corrector-save", choices=("folded", "separate"), default="folded",
+                      help="fold correctors into the factors (default; every reader loads it) or keep them apart "
+                           "for further training (factorlm fold turns such a checkpoint into a folded one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -90,7 +93,7 @@ def build_hooks(args: argparse.Namespace) -> list:
             raise FactorlmError(f"--corrector must be 'auto' or a positive integer, got {args.corrector!r}") from None
     config = CorrectorConfig(rank=rank, fraction=args.corrector_fraction, layer_steps=args.corrector_layer_steps,
                              block_steps=args.corrector_steps, distill_steps=args.corrector_distill_steps,
-                             lr=args.corrector_lr, train=args.corrector_train, multiple=args.rank_multiple,
+                             lr=args.corrector_lr, train=args.corrector_train, save=args.corrector_save, multiple=args.rank_multiple,
                              seed=args.seed)
     return [CorrectorHook(config)]
 
@@ -120,5 +123,6 @@ def format_totals(t: dict) -> str:
         f"(kept {t['model_keep']:.1%}, removed {1 - t['model_keep']:.1%})\n"
         f"modules: {t['factored_modules']} factored, {t['dense_modules']} kept dense"
         + (f"\ncorrectors: {t['hooks']['corrector_params']:,} parameters in {t['hooks']['corrected_modules']} "
-           f"modules (folded into the factors)" if "corrector_params" in t.get("hooks", {}) else "")
+           f"modules ({'kept separate' if t['hooks'].get('corrector_save') == 'separate' else 'folded into the factors'})"
+           if "corrector_params" in t.get("hooks", {}) else "")
     )

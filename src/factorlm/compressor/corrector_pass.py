@@ -11,7 +11,8 @@ Per block, after its linears are factorized:
    the student stream), optionally together with the factors themselves;
 4. after the last block an optional end-to-end pass minimises the KL divergence of the
    logits to the dense model's, and every corrector is folded into its factors
-   (``U <- [U | B]``, ``V <- [V ; A]``), so the saved checkpoint is a plain factored one.
+   (``U <- [U | B]``, ``V <- [V ; A]``), so the saved checkpoint is a plain factored one
+   (or, with ``save="separate"``, kept apart for further training).
 
 Corrector parameters are reserved before rank allocation, so they always count in the
 budget. The math lives in :mod:`factorlm.compressor.correctors`; this module only
@@ -30,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.arch import get_arch
+from ..runtime.checkpoint import fold_correctors
 from ..runtime.factored_linear import FactoredLinear
 from ..runtime.format import FactorlmError
-from .correctors import (CorrectedLinear, corrector_ranks, distill, eora_corrector, gram_eigh, residual_energy,
+from .correctors import (CorrectedLinear, attach_corrector, corrector_ranks, distill, eora_corrector, gram_eigh, residual_energy,
                          train_layer)
 from .hooks import BlockContext
 from .whitening import accumulate_gram
@@ -50,6 +52,8 @@ class CorrectorConfig:
     ``rank``: a fixed corrector rank for every factored layer, or ``None`` for ``auto``
     (ranks from the residual energy, spending ``fraction`` of the dense linear parameters).
     ``train``: ``"corrector"`` trains A and B only; ``"all"`` also fine-tunes the factors.
+    ``save``: ``"folded"`` writes plain factors; ``"separate"`` keeps A and B apart in the
+    checkpoint for further training (the runtime folds them on load).
     Steps of 0 skip a stage; with all steps 0 the correctors are the closed form alone.
     """
 
@@ -61,6 +65,7 @@ class CorrectorConfig:
     lr: float = 1e-3
     distill_lr: float = 5e-5
     train: str = "all"
+    save: str = "folded"
     multiple: int = 8
     max_rank: int = 128
     seed: int = 0
@@ -72,6 +77,8 @@ class CorrectorConfig:
             raise FactorlmError(f"corrector fraction must be in (0, 0.5), got {self.fraction}")
         if self.train not in ("corrector", "all"):
             raise FactorlmError(f"corrector train must be 'corrector' or 'all', got {self.train!r}")
+        if self.save not in ("folded", "separate"):
+            raise FactorlmError(f"corrector save must be 'folded' or 'separate', got {self.save!r}")
         if min(self.layer_steps, self.block_steps, self.distill_steps) < 0:
             raise FactorlmError("corrector step counts must be >= 0")
 
@@ -240,7 +247,7 @@ class CorrectorHook:
             base = ctx.block.get_submodule(n)
             a, b = eora_corrector(residuals[n], grams[n], c, self._eig(grams[n]))
             dtype = base.weight_u.dtype
-            module = CorrectedLinear(base, a.to(dtype), b.to(dtype), train_base=cfg.train == "all")
+            module = attach_corrector(base, a.to(dtype), b.to(dtype), train_base=cfg.train == "all")
             parent, _, child = n.rpartition(".")
             setattr(ctx.block.get_submodule(parent) if parent else ctx.block, child, module)
             corrected[n] = module
@@ -255,7 +262,7 @@ class CorrectorHook:
                     target = teacher_rows[n] @ dense[n].weight.detach().float().T
                     if dense[n].bias is not None:
                         target = target + dense[n].bias.detach().float()
-                    losses = train_layer(module, student_rows[n].to(module.corr_a.dtype), target.to(module.corr_a.dtype),
+                    losses = train_layer(module, student_rows[n].to(module.corrector_a.dtype), target.to(module.corrector_a.dtype),
                                          steps=cfg.layer_steps, lr=cfg.lr, seed=cfg.seed + ctx.index)
                     report[ctx.linear_names[n]]["layer_loss"] = [round(losses[0], 6), round(losses[-1], 6)]
         self._seconds["layer"] += time.perf_counter() - t0
@@ -285,9 +292,9 @@ class CorrectorHook:
             # counted, so the budget is honest)
             with torch.no_grad():
                 for n, module in corrected.items():
-                    for p, original in zip(module.base.parameters(), originals[n]):
+                    for p, original in zip(module.factor_parameters(), originals[n]):
                         p.copy_(original)
-                    module.corr_b.zero_()
+                    module.corrector_b.zero_()
             error_after = relative_block_error(ctx.block, student, targets, ctx.block_kwargs)
         logger.info("block %d: output error %.4f -> %.4f (closed form) -> %.4f (trained)",
                     ctx.index, error_before, error_init, error_after)
@@ -304,7 +311,7 @@ class CorrectorHook:
         return {LOSS_PNG: png} if png else {}
 
     def finalize(self, model: nn.Module, calib_ids: torch.Tensor) -> dict[str, Any]:
-        """Optional end-to-end KL distillation, then fold every corrector into its factors."""
+        """Optional end-to-end KL distillation, then fold every corrector into its factors (unless saved separate)."""
         cfg = self.config
         layers = [m for m in model.modules() if isinstance(m, CorrectedLinear)]
         distill_losses: list[float] = []
@@ -312,11 +319,13 @@ class CorrectorHook:
             t0 = time.perf_counter()
             distill_losses = self._distill(model, calib_ids, layers)
             self._seconds["distill"] += time.perf_counter() - t0
-        folded = fold_all(model)
+        if cfg.save == "folded":
+            fold_correctors(model)
         return {
             "corrector_params": self._spent,
             "corrector_params_reserved": self._reserved,
-            "corrected_modules": folded,
+            "corrected_modules": len(layers),
+            "corrector_save": cfg.save,
             "distill_loss": [round(distill_losses[0], 6), round(distill_losses[-1], 6)] if distill_losses else None,
             "seconds": {k: round(v, 2) for k, v in self._seconds.items()},
             "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
@@ -334,7 +343,7 @@ class CorrectorHook:
             teacher = [head(norm(h.to(device))).float().log_softmax(-1) for h in hidden[:len(batches)]]
         params: list[nn.Parameter] = []
         for m in layers:
-            for p in [m.corr_a, m.corr_b] + (list(m.base.parameters()) if cfg.train == "all" else []):
+            for p in [m.corrector_a, m.corrector_b] + (m.factor_parameters() if cfg.train == "all" else []):
                 p.requires_grad_(True)
                 params.append(p)
 
@@ -347,16 +356,6 @@ class CorrectorHook:
         finally:
             for p in params:
                 p.requires_grad_(False)
-
-
-def fold_all(model: nn.Module) -> int:
-    """Replace every CorrectedLinear in ``model`` by its exact folded FactoredLinear; returns how many."""
-    names = [n for n, m in model.named_modules() if isinstance(m, CorrectedLinear)]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, getattr(owner, child).fold())
-    return len(names)
 
 
 def loss_curve_png(history: list[dict[str, Any]]) -> bytes | None:

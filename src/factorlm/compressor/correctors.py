@@ -16,19 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.factored_linear import FactoredLinear
+from ..runtime.factored_linear import CorrectedLinear, FactoredLinear, fold_corrector
 from ..runtime.format import FactorlmError
 
 logger = logging.getLogger(__name__)
 
-
-def fold_corrector(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """U' = [U | B], V' = [V ; A]: U'V' = UV + BA exactly (rank r + c)."""
-    if a.shape[1] != v.shape[1] or b.shape[0] != u.shape[0] or a.shape[0] != b.shape[1]:
-        raise FactorlmError(
-            f"corrector shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit factors U {tuple(u.shape)}, V {tuple(v.shape)}"
-        )
-    return torch.cat([u, b], dim=1), torch.cat([v, a], dim=0)
+__all__ = ["CorrectedLinear", "attach_corrector", "corrector_ranks", "distill", "eora_corrector", "fold_corrector",
+           "gram_eigh", "residual_energy", "train_layer"]
 
 
 def gram_eigh(gram: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,29 +85,12 @@ def corrector_ranks(energies: Mapping[str, torch.Tensor], output_energy: Mapping
         spent += multiple * costs[best]
 
 
-class CorrectedLinear(nn.Module):
-    """U(Vx) + B(Ax) + b while training; ``fold()`` returns the equivalent FactoredLinear."""
-
-    def __init__(self, base: FactoredLinear, a: torch.Tensor, b: torch.Tensor, train_base: bool = False):
-        super().__init__()
-        self.base = base
-        self.corr_a = nn.Parameter(a.detach().clone())
-        self.corr_b = nn.Parameter(b.detach().clone())
-        for p in base.parameters():
-            p.requires_grad_(train_base)
-
-    @property
-    def corrector_rank(self) -> int:
-        return self.corr_a.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.corr_a), self.corr_b)
-
-    def fold(self) -> FactoredLinear:
-        u, v = fold_corrector(self.base.weight_u.detach(), self.base.weight_v.detach(),
-                              self.corr_a.detach(), self.corr_b.detach())
-        bias = self.base.bias.detach() if self.base.bias is not None else None
-        return FactoredLinear.from_factors(u.contiguous(), v.contiguous(), bias)
+def attach_corrector(base: FactoredLinear, a: torch.Tensor, b: torch.Tensor, train_base: bool = False) -> CorrectedLinear:
+    """``base`` with corrector (A, B) beside it; the factors train too only when ``train_base``."""
+    layer = CorrectedLinear.from_base(base, a, b)
+    for p in layer.factor_parameters():
+        p.requires_grad_(train_base)
+    return layer
 
 
 def train_layer(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int = 100, lr: float = 1e-3,

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..runtime.arch import compressible_linears
 from ..runtime.checkpoint import load_model, load_tokenizer, save_factored
-from ..runtime.factored_linear import FactoredLinear
+from ..runtime.factored_linear import CorrectedLinear, FactoredLinear
 from ..runtime.format import FactoredConfig, FactorlmError
 from .allocation import AraConfig
 from .blockwise import check_finite_weight, compress_blocks, spectra_pass, weight_spectra
@@ -183,20 +183,23 @@ def linear_weight_params(model: nn.Module) -> int:
     total = 0
     for module in compressible_linears(model).values():
         if isinstance(module, FactoredLinear):
-            total += module.weight_u.numel() + module.weight_v.numel()
+            total += module.weight_params()  # corrector A and B included when kept separate
         else:
             total += module.weight.numel()
     return total
 
 
 def sync_rows_with_model(rows: list[dict[str, Any]], model: nn.Module) -> None:
-    """After hooks changed ranks (folded correctors), report the saved rank and parameters per row."""
+    """After hooks changed ranks (correctors), report the saved (folded) rank and parameters per row."""
     modules = compressible_linears(model)
     for row in rows:
         module = modules.get(row["module"])
-        if isinstance(module, FactoredLinear) and row.get("rank") != module.rank:
-            row["saved_rank"] = module.rank
-            row["params_after"] = module.weight_u.numel() + module.weight_v.numel()
+        if not isinstance(module, FactoredLinear):
+            continue
+        saved = module.rank + (module.corrector_rank if isinstance(module, CorrectedLinear) else 0)
+        if row.get("rank") != saved:
+            row["saved_rank"] = saved  # the rank once folded
+            row["params_after"] = module.weight_params()
 
 
 def compress_checkpoint(

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .factored_linear import FactoredLinear
+from .factored_linear import CorrectedLinear, FactoredLinear
 from .format import FactoredConfig, FactorlmError, FormatError, read_config_json, read_factored_config, u_key, v_key
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,14 @@ def _split_fqn(fqn: str) -> tuple[str, str]:
     return parent, child
 
 
-def replace_with_factored(model: nn.Module, ranks: dict[str, int], device: torch.device | str = "meta") -> None:
+def replace_with_factored(model: nn.Module, ranks: dict[str, int], device: torch.device | str = "meta",
+                          corrector_ranks: dict[str, int] | None = None) -> None:
     """Replace each named ``nn.Linear`` by an empty ``FactoredLinear`` of the given rank.
 
-    Used on a meta-device skeleton before loading; errors name the offending module.
+    Modules in ``corrector_ranks`` become ``CorrectedLinear`` (separate correctors). Used on
+    a meta-device skeleton before loading; errors name the offending module.
     """
+    corrector_ranks = corrector_ranks or {}
     for fqn, rank in ranks.items():
         try:
             module = model.get_submodule(fqn)
@@ -53,8 +56,11 @@ def replace_with_factored(model: nn.Module, ranks: dict[str, int], device: torch
         limit = min(module.in_features, module.out_features)
         if rank > limit:
             raise FormatError(f"module {fqn!r}: rank {rank} exceeds min(in, out) = {limit}")
-        new = FactoredLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
-                             device=device, dtype=module.weight.dtype)
+        kw = {"bias": module.bias is not None, "device": device, "dtype": module.weight.dtype}
+        if fqn in corrector_ranks:
+            new: FactoredLinear = CorrectedLinear(module.in_features, module.out_features, rank, corrector_ranks[fqn], **kw)
+        else:
+            new = FactoredLinear(module.in_features, module.out_features, rank, **kw)
         parent, child = _split_fqn(fqn)
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -73,8 +79,23 @@ def factorize_model(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 def factored_ranks(model: nn.Module) -> dict[str, int]:
-    """Rank of every ``FactoredLinear`` in a model, by fully-qualified name."""
+    """Rank of every ``FactoredLinear`` in a model, by fully-qualified name (correctors not included)."""
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, FactoredLinear)}
+
+
+def corrector_ranks_of(model: nn.Module) -> dict[str, int]:
+    """Corrector rank of every ``CorrectedLinear`` (a corrector not folded yet), by name."""
+    return {name: m.corrector_rank for name, m in model.named_modules() if isinstance(m, CorrectedLinear)}
+
+
+def fold_correctors(model: nn.Module) -> int:
+    """Replace every ``CorrectedLinear`` by its exact folded ``FactoredLinear`` (rank r + c); returns how many."""
+    names = list(corrector_ranks_of(model))
+    for name in names:
+        parent, child = _split_fqn(name)
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, getattr(owner, child).fold())
+    return len(names)
 
 
 @contextlib.contextmanager
@@ -117,7 +138,9 @@ def save_factored(
     The folder is written to a temporary sibling and renamed into place, so an interrupted
     save never leaves a half-written checkpoint; an existing ``out_dir`` is refused unless
     ``overwrite``. ``config`` supplies ``dense``/``correctors``/``producer``; ranks are always
-    read from the model itself so they cannot disagree with the tensors.
+    read from the model itself so they cannot disagree with the tensors. A model that still
+    holds ``CorrectedLinear`` layers is saved with separate correctors (for further
+    training); fold them first (:func:`fold_correctors`) for a checkpoint of plain factors.
     """
     from .. import __version__
 
@@ -125,11 +148,14 @@ def save_factored(
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass overwrite=True (CLI: --overwrite) to replace it")
     ranks = factored_ranks(model)
+    correctors = corrector_ranks_of(model)
     base = config or FactoredConfig(ranks=ranks)
+    mode = "separate" if correctors else ("folded" if base.correctors == "separate" else base.correctors)
     block = FactoredConfig(
         ranks=ranks,
         dense=[d for d in base.dense if d not in ranks],
-        correctors=base.correctors,
+        correctors=mode,
+        corrector_ranks=correctors,
         factor_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         producer=base.producer or {"name": "factorlm", "version": __version__},
     ).to_dict()
@@ -242,14 +268,18 @@ def _tied_parameter_names(model: nn.Module) -> set[str]:
 
 def load_factored(
     model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-    fast_layout: bool = True,
+    fast_layout: bool = True, correctors: str = "fold",
 ) -> nn.Module:
     """Load a factored checkpoint as a transformers model with ``FactoredLinear`` layers.
 
     Errors name the file and module: unknown format_version, missing tensor, wrong shape,
     a rank larger than the layer allows, an architecture the table does not cover.
     ``fast_layout`` stores block weights column-major for faster CPU decoding (see layout.py).
+    A checkpoint with separate correctors is folded on load (``correctors="fold"``, exact) or
+    kept as ``CorrectedLinear`` layers for further training (``correctors="keep"``).
     """
+    if correctors not in ("fold", "keep"):
+        raise FactorlmError(f"correctors must be 'fold' or 'keep', got {correctors!r}")
     root = Path(model_dir)
     if not root.is_dir():
         raise FactorlmError(f"{root}: checkpoint folder not found")
@@ -257,11 +287,13 @@ def load_factored(
     if block is None:
         raise FormatError(f"{root / 'config.json'}: no factorlm quantization_config; use load_model() for dense folders")
     model = _build_skeleton(root, dtype)
-    replace_with_factored(model, block.ranks, device="meta")
+    replace_with_factored(model, block.ranks, device="meta", corrector_ranks=block.corrector_ranks)
     tensors, origin = read_tensors(root)
     check_tensors(model, tensors, origin, root)
     _assign(model, tensors, dtype, device)
     _load_generation_config(model, root)
+    if correctors == "fold":
+        fold_correctors(model)
     return _maybe_fast_layout(model, fast_layout)
 
 

@@ -92,8 +92,78 @@ class FactoredLinear(nn.Module):
                 dense.bias.copy_(self.bias)
         return dense
 
+    def factor_parameters(self) -> list[nn.Parameter]:
+        """U, V and the bias if any: what a factored layer stores whether or not it has a corrector."""
+        return [self.weight_u, self.weight_v] + ([self.bias] if self.bias is not None else [])
+
+    def weight_params(self) -> int:
+        """Stored weight parameters (bias excluded); what budgets count."""
+        return self.weight_u.numel() + self.weight_v.numel()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+def fold_corrector(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U' = [U | B], V' = [V ; A]: U'V' = UV + BA exactly (rank r + c)."""
+    if a.shape[1] != v.shape[1] or b.shape[0] != u.shape[0] or a.shape[0] != b.shape[1]:
+        raise FactorlmError(
+            f"corrector shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit factors U {tuple(u.shape)}, V {tuple(v.shape)}"
+        )
+    return torch.cat([u, b], dim=1), torch.cat([v, a], dim=0)
+
+
+class CorrectedLinear(FactoredLinear):
+    """A factored layer with its CALR corrector kept apart: y = U(Vx) + B(Ax) + b.
+
+    ``corrector_a`` [c, in] and ``corrector_b`` [out, c] sit beside ``weight_u``/``weight_v``
+    under the same module name, which is how a checkpoint saved with separate correctors
+    stores them (for further training). :meth:`fold` gives the exact plain factored layer of
+    rank r + c that inference uses.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, corrector_rank: int, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, rank, bias=bias, device=device, dtype=dtype)
+        if corrector_rank < 1:
+            raise FactorlmError(f"corrector rank must be >= 1, got {corrector_rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.corrector_a = nn.Parameter(torch.empty(corrector_rank, in_features, **kw))
+        self.corrector_b = nn.Parameter(torch.empty(out_features, corrector_rank, **kw))
+
+    @classmethod
+    def from_base(cls, base: FactoredLinear, a: torch.Tensor, b: torch.Tensor) -> "CorrectedLinear":
+        """Attach corrector (A, B) to ``base``, sharing its factor Parameters (no copy of U, V)."""
+        u, v = base.weight_u, base.weight_v
+        if a.shape[1] != v.shape[1] or b.shape[0] != u.shape[0] or a.shape[0] != b.shape[1]:
+            raise FactorlmError(f"corrector shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit factors "
+                                f"U {tuple(u.shape)}, V {tuple(v.shape)}")
+        layer = cls(base.in_features, base.out_features, base.rank, a.shape[0], bias=base.bias is not None,
+                    device="meta", dtype=u.dtype)
+        layer.weight_u, layer.weight_v, layer.bias = base.weight_u, base.weight_v, base.bias
+        layer.corrector_a = nn.Parameter(a.detach().clone().to(u.device))
+        layer.corrector_b = nn.Parameter(b.detach().clone().to(u.device))
+        return layer
+
+    @property
+    def corrector_rank(self) -> int:
+        return self.corrector_a.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + F.linear(F.linear(x, self.corrector_a), self.corrector_b)
+
+    def weight_params(self) -> int:
+        return super().weight_params() + self.corrector_a.numel() + self.corrector_b.numel()
+
+    def fold(self) -> FactoredLinear:
+        """The equivalent FactoredLinear of rank r + c (exact up to float rounding)."""
+        u, v = fold_corrector(self.weight_u.detach(), self.weight_v.detach(),
+                              self.corrector_a.detach(), self.corrector_b.detach())
+        bias = self.bias.detach() if self.bias is not None else None
+        return FactoredLinear.from_factors(u.contiguous(), v.contiguous(), bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", corrector_rank={self.corrector_rank}"
 
 
 def break_even_rank(out_features: int, in_features: int) -> float:

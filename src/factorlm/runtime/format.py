@@ -17,6 +17,11 @@ A checkpoint is an ordinary Hugging Face model folder whose ``config.json`` carr
 
 and whose safetensors hold ``<fqn>.weight_u`` [out, r] and ``<fqn>.weight_v`` [r, in] for
 every module in ``ranks``; every other module keeps its usual ``<fqn>.weight``.
+
+Correctors are normally folded into the factors (``"correctors": "folded"``). A checkpoint
+saved for further training keeps them apart (``"correctors": "separate"``): the block then
+also lists ``"corrector_ranks": {fqn: c}`` and the files hold ``<fqn>.corrector_a`` [c, in]
+and ``<fqn>.corrector_b`` [out, c] beside that module's factors.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ CORRECTOR_MODES = ("folded", "separate", "none")
 
 U_SUFFIX = "weight_u"
 V_SUFFIX = "weight_v"
+CORRECTOR_A_SUFFIX = "corrector_a"
+CORRECTOR_B_SUFFIX = "corrector_b"
 
 
 class FactorlmError(Exception):
@@ -69,13 +76,15 @@ class FactoredConfig:
     factor_dtype: str = "float32"
     producer: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    corrector_ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_block_fields(self.ranks, self.dense, self.correctors, self.format_version)
+        validate_corrector_ranks(self.ranks, self.correctors, self.corrector_ranks)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready block, with ``quant_method`` first so readers dispatch on it."""
-        return {
+        block = {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "ranks": dict(self.ranks),
@@ -84,6 +93,9 @@ class FactoredConfig:
             "factor_dtype": self.factor_dtype,
             "producer": dict(self.producer),
         }
+        if self.corrector_ranks:
+            block["corrector_ranks"] = dict(self.corrector_ranks)
+        return block
 
     @classmethod
     def from_dict(cls, block: dict[str, Any], source: str = "quantization_config") -> "FactoredConfig":
@@ -110,6 +122,7 @@ class FactoredConfig:
                 factor_dtype=block.get("factor_dtype", "float32"),
                 producer=dict(block.get("producer", {})),
                 format_version=version,
+                corrector_ranks={str(k): v for k, v in block.get("corrector_ranks", {}).items()},
             )
         except (AttributeError, TypeError) as exc:
             raise FormatError(f"{source}: malformed quantization_config: {exc}") from exc
@@ -133,6 +146,31 @@ def validate_block_fields(ranks: Any, dense: Any, correctors: str, version: int)
         raise FormatError(f"field 'correctors' is {correctors!r}; expected one of {CORRECTOR_MODES}")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise FormatError(f"unknown factorlm format_version {version!r}")
+
+
+def validate_corrector_ranks(ranks: dict[str, int], correctors: str, corrector_ranks: Any) -> None:
+    """``corrector_ranks`` is required with separate correctors, forbidden otherwise, and names factored modules."""
+    if not isinstance(corrector_ranks, dict):
+        raise FormatError("field 'corrector_ranks' must map module names to integer corrector ranks")
+    if correctors == "separate" and not corrector_ranks:
+        raise FormatError("field 'correctors' is 'separate' but 'corrector_ranks' is missing or empty")
+    if correctors != "separate" and corrector_ranks:
+        raise FormatError(f"field 'corrector_ranks' is given but 'correctors' is {correctors!r}, not 'separate'")
+    for name, rank in corrector_ranks.items():
+        if name not in ranks:
+            raise FormatError(f"field 'corrector_ranks': module {name!r} is not listed in 'ranks'")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise FormatError(f"field 'corrector_ranks': module {name!r} has invalid rank {rank!r} (need an integer >= 1)")
+
+
+def corrector_a_key(fqn: str) -> str:
+    """Name of corrector A [c, in] of module ``fqn`` (separate correctors only)."""
+    return f"{fqn}.{CORRECTOR_A_SUFFIX}"
+
+
+def corrector_b_key(fqn: str) -> str:
+    """Name of corrector B [out, c] of module ``fqn`` (separate correctors only)."""
+    return f"{fqn}.{CORRECTOR_B_SUFFIX}"
 
 
 def is_factored_block(block: Any) -> bool:

