@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "factorlm.cli.bench",
     "factorlm.cli.inspect",
     "factorlm.cli.fold",
+    "factorlm.cli.finetune",
     "factorlm.cli.calib_text",
 ]
 

@@ -113,9 +113,20 @@ def calibration_windows(tokenizer: Any, source: str | Path, n_samples: int, seq_
     """``n_samples`` seeded windows [n_samples, seq_len] of token ids from ``source``."""
     if n_samples < 1 or seq_len < 2:
         raise FactorlmError(f"calibration needs at least 1 sample of 2 tokens, got {n_samples} x {seq_len}")
-    ids = torch.tensor(tokenizer(calibration_text(source), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return token_windows(source_ids(tokenizer, source), n_samples, seq_len, seed, where=str(source))
+
+
+def source_ids(tokenizer: Any, source: str | Path) -> torch.Tensor:
+    """The whole calibration text of ``source`` as one 1-D tensor of token ids."""
+    return torch.tensor(tokenizer(calibration_text(source), add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def token_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0, where: str = "text") -> torch.Tensor:
+    """``n_samples`` seeded random windows [n_samples, seq_len] of the 1-D token stream ``ids``."""
+    if n_samples < 1 or seq_len < 2:
+        raise FactorlmError(f"calibration needs at least 1 sample of 2 tokens, got {n_samples} x {seq_len}")
     if ids.numel() < seq_len + 1:
-        raise FactorlmError(f"{source}: calibration text too short: {ids.numel()} tokens, need more than {seq_len}")
+        raise FactorlmError(f"{where}: calibration text too short: {ids.numel()} tokens, need more than {seq_len}")
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n_samples)]
     return torch.stack([ids[s:s + seq_len] for s in starts])

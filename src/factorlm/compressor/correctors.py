@@ -10,7 +10,8 @@ folds exactly into the factors: U <- [U | B], V <- [V ; A], so every reader sees
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from ..runtime.format import FactorlmError
 logger = logging.getLogger(__name__)
 
 __all__ = ["CorrectedLinear", "attach_corrector", "corrector_ranks", "distill", "eora_corrector", "fold_corrector",
-           "gram_eigh", "residual_energy", "train_layer"]
+           "gram_eigh", "kl_distill", "kl_to_teacher", "lr_factor", "residual_energy", "train_layer"]
 
 
 def gram_eigh(gram: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,21 +118,50 @@ def train_layer(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, s
     return losses
 
 
-def distill(student: nn.Module, batches: Iterable[torch.Tensor], teacher_logprobs: list[torch.Tensor],
-            params: list[nn.Parameter], steps: int, lr: float = 1e-4,
-            on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """End-to-end pass: minimise KL(teacher ‖ student) on the logits of calibration batches."""
-    batches = list(batches)
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged over the batch's tokens."""
+    logp = student_logits.float().log_softmax(-1)
+    return F.kl_div(logp.flatten(0, 1), teacher_logprobs.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of the peak at the last step."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(steps - warmup - 1, 1)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def kl_distill(student: nn.Module, batches: Sequence[torch.Tensor], teacher: Callable[[int], torch.Tensor],
+               params: list[nn.Parameter], steps: int, lr: float = 1e-4, *, warmup: int = 0, clip: float | None = None,
+               on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Minimise KL(teacher ‖ student) on the logits, cycling over ``batches``; returns the losses.
+
+    ``teacher(i)`` gives the teacher's log-probabilities for ``batches[i]`` (precomputed or
+    computed on the fly). Adam with warm-up and cosine decay (see :func:`lr_factor`) when
+    ``warmup`` > 0, constant ``lr`` otherwise; ``clip`` bounds the gradient norm.
+    """
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     for step in range(steps):
         i = step % len(batches)
-        logp = student(input_ids=batches[i]).logits.float().log_softmax(-1)
-        loss = F.kl_div(logp.flatten(0, 1), teacher_logprobs[i].flatten(0, 1), log_target=True, reduction="batchmean")
+        if warmup:
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(step, steps, warmup)
+        loss = kl_to_teacher(student(input_ids=batches[i]).logits, teacher(i))
         opt.zero_grad()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         losses.append(loss.item())
         if on_step:
             on_step(step, losses[-1])
     return losses
+
+
+def distill(student: nn.Module, batches: Iterable[torch.Tensor], teacher_logprobs: list[torch.Tensor],
+            params: list[nn.Parameter], steps: int, lr: float = 1e-4,
+            on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """End-to-end pass: minimise KL(teacher ‖ student) on the logits of calibration batches."""
+    return kl_distill(student, list(batches), teacher_logprobs.__getitem__, params, steps, lr=lr, on_step=on_step)
