@@ -80,6 +80,10 @@ def grid_allocation(keeps: list[float]) -> list[tuple[str, list[str]]]:
     return out
 
 
+FINETUNE = "+finetune"  # in a config's arguments: what follows goes to `factorlm finetune` of the compressed folder
+FINETUNE_SUFFIX = "-ft"  # a finetuned config's name is its compressed config's name plus this and a tag
+
+
 def grid_correctors(keeps: list[float]) -> list[tuple[str, list[str]]]:
     """CALR's whole-model reductions: saes+allocation without, with closed-form, with trained correctors."""
     del keeps
@@ -148,6 +152,31 @@ def compress(name: str, args: list[str], threads: int, fresh: bool = False) -> d
         logger.error("%s: compression failed: %s", name, error)
         return {"error": error, "command": "factorlm " + " ".join(cmd[4:])}
     meta = {**json.loads(stats.read_text()), "command": "factorlm " + " ".join(cmd[4:]), "dir": str(out)}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return {**meta, "cached": False}
+
+
+def finetune(name: str, base: Path, args: list[str], threads: int, fresh: bool = False) -> dict[str, Any]:
+    """``factorlm finetune`` of the compressed folder ``base`` (cached like :func:`compress`)."""
+    out = config_dir(name, [base.name, *args])
+    meta_path = out.with_name(out.name + ".bench.json")
+    if not fresh and (out / "factorlm_finetune.json").is_file() and meta_path.is_file():
+        logger.info("%s: reusing %s", name, out)
+        return {**json.loads(meta_path.read_text()), "cached": True}
+    stats = out.with_name(out.name + ".stats.json")
+    cmd = [sys.executable, "-c", _RUNNER, str(stats), "finetune", str(base), "--teacher", "sample", "-o", str(out),
+           "--overwrite", "--no-progress", *args]
+    logger.info("%s: factorlm %s", name, " ".join(cmd[4:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        error = lines[-1] if lines else f"exit code {proc.returncode}"
+        logger.error("%s: finetune failed: %s", name, error)
+        return {"error": error, "command": "factorlm " + " ".join(cmd[4:])}
+    report = json.loads((out / "factorlm_finetune.json").read_text())
+    meta = {**json.loads(stats.read_text()), "command": "factorlm " + " ".join(cmd[4:]), "dir": str(out),
+            "held_out_kl": [report["held_out_kl_before"], report["held_out_kl_after"]],
+            "train_s": report["seconds"]["train"]}
     meta_path.write_text(json.dumps(meta, indent=2))
     return {**meta, "cached": False}
 
@@ -304,11 +333,20 @@ def main() -> int:
     wiki = read_text(args.wikitext)
     entries: list[dict[str, Any]] = []
     for name, cargs in configs:
-        c = compress(name, cargs + common, args.threads, args.fresh)
-        if "error" in c:
-            entries.append({"name": name, "error": c["error"], "compress": c})
+        ft_args = cargs[cargs.index(FINETUNE) + 1:] if FINETUNE in cargs else None
+        cargs = cargs[:cargs.index(FINETUNE)] if FINETUNE in cargs else cargs
+        base_name = name.split(FINETUNE_SUFFIX)[0] if ft_args is not None else name
+        c = compress(base_name, cargs + common, args.threads, args.fresh)
+        entry: dict[str, Any] = {"name": name, "compress": c}
+        if "error" not in c and ft_args is not None:
+            entry["finetune"] = finetune(name, Path(c["dir"]), ft_args + ["--calib", str(calib)], args.threads,
+                                         args.fresh)
+        failed = c if "error" in c else entry.get("finetune", {})
+        if "error" in failed:
+            entries.append({**entry, "error": failed["error"]})
             continue
-        entries.append({"name": name, "dir": c["dir"], "compress": c, "scores": score(Path(c["dir"]), wiki, settings)})
+        folder = Path(entry["finetune"]["dir"] if "finetune" in entry else c["dir"])
+        entries.append({**entry, "dir": str(folder), "scores": score(folder, wiki, settings)})
     for spec in args.config:
         name, _, folder = spec.partition("=")
         if not folder or not Path(folder).is_dir():

@@ -72,6 +72,9 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
     head = ["config", "model params removed %", "linear kept %", "WikiText-2 ppl",
             *[f"{t} acc / norm" for t in tasks], "avg acc ± se", "retention", "allocation (dense modules)",
             "allocation s", "compress wall s", "compress CPU s", "compress peak MiB"]
+    tuned = any("finetune" in e for e in entries)
+    if tuned:
+        head += ["finetune s", "held-out KL before -> after"]
     lines = [f"# Quality: {meta['name']}", "",
              f"- model: SmolLM2-135M-Instruct fp32 (factorlm sample-model), dense = the dequantized checkpoint",
              f"- calibration: {meta['calibration']}",
@@ -99,10 +102,15 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
                   "-" if not e.get("allocation") else f"{e['allocation']} ({e.get('dense_modules', 0)})",
                   _f(e.get("allocation_s"), ".1f"), _f(c.get("wall_s"), ".1f"),
                   _f(c.get("cpu_s"), ".1f"), _f(c.get("peak_rss_mib"), ".0f")]
+        if tuned:
+            ft = e.get("finetune", {})
+            kl = ft.get("held_out_kl")
+            cells += [_f(ft.get("wall_s"), ".1f"), f"{kl[0]:.4f} -> {kl[1]:.4f}" if kl else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "n per task and standard errors are in the JSON file. Commands:", "",
               f"    {meta['command']}"]
-    lines += [f"    {e['compress']['command']}" for e in entries if e.get("compress", {}).get("command")]
+    for e in entries:
+        lines += [f"    {e[k]['command']}" for k in ("compress", "finetune") if e.get(k, {}).get("command")]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -110,3 +110,20 @@ def test_average_stderr_combines_tasks():
     zs = {"tasks": {"a": {"acc_stderr": 0.3}, "b": {"acc_stderr": 0.4}}}
     assert abs(qr.avg_stderr(zs) - 0.25) < 1e-12  # sqrt(0.09 + 0.16) / 2
     assert qr.avg_stderr({"tasks": {"a": {"acc_stderr": None}}}) is None
+
+
+def test_finetuned_rows_get_their_own_columns_and_commands(tmp_path):
+    entries = [{"name": "dense", "scores": _scores(20.0, {"piqa": 0.6}, 100)},
+               {"name": "saes-mgaa-k0.8", "scores": _scores(110.0, {"piqa": 0.5}, 92),
+                "compress": {"wall_s": 100.0, "command": "factorlm compress sample -o A"}},
+               {"name": "saes-mgaa-k0.8-ft60", "scores": _scores(60.0, {"piqa": 0.55}, 92),
+                "compress": {"wall_s": 100.0, "command": "factorlm compress sample -o A", "cached": True},
+                "finetune": {"wall_s": 900.0, "held_out_kl": [0.52, 0.31], "command": "factorlm finetune A -o B"}}]
+    qr.report_rows(entries, 100)
+    meta = {"name": "t", "settings": {"tasks": ["piqa"], "ppl_tokens": 8192, "threads": 1}, "calibration": "c",
+            "zeroshot_note": "z", "cpu": "x", "load_start": [1], "load_end": [1], "wall_s": 3.0, "command": "c"}
+    qr.write_markdown(tmp_path / "q.md", entries, meta)
+    text = (tmp_path / "q.md").read_text()
+    assert "finetune s | held-out KL before -> after |" in text
+    assert "| 900.0 | 0.5200 -> 0.3100 |" in text and text.count("factorlm finetune A -o B") == 1
+    assert bq.FINETUNE == "+finetune"
