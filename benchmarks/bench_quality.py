@@ -82,17 +82,21 @@ def grid_allocation(keeps: list[float]) -> list[tuple[str, list[str]]]:
 
 FINETUNE = "+finetune"  # in a config's arguments: what follows goes to `factorlm finetune` of the compressed folder
 FINETUNE_SUFFIX = "-ft"  # a finetuned config's name is its compressed config's name plus this and a tag
+FINETUNE_STEPS = 120
+FINETUNE_ARGS = ["--steps", str(FINETUNE_STEPS), "--samples", "64", "--seq-len", "512", "--lr", "2e-4"]
 
 
 def grid_correctors(keeps: list[float]) -> list[tuple[str, list[str]]]:
-    """CALR's whole-model reductions: saes+allocation without, with closed-form, with trained correctors."""
+    """CALR's whole-model reductions: saes+allocation without, with closed-form, with trained correctors, and
+    the rank-only checkpoint after end-to-end distillation (same parameters, factors trained on KL to dense)."""
     del keeps
     out = []
     for r in CALR_REDUCTIONS:
         base = ["--method", "saes", "--allocation", "mgaa", "--reduction", str(r)]
         out += [(f"saes-mgaa-r{r}", base),
                 (f"saes-mgaa-r{r}-corr-closed", base + ["--corrector", "auto", "--corrector-steps", "0"]),
-                (f"saes-mgaa-r{r}-corr-trained", base + ["--corrector", "auto"])]
+                (f"saes-mgaa-r{r}-corr-trained", base + ["--corrector", "auto"]),
+                (f"saes-mgaa-r{r}{FINETUNE_SUFFIX}{FINETUNE_STEPS}", base + [FINETUNE, *FINETUNE_ARGS])]
     return out
 
 

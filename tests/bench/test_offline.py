@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -113,6 +114,22 @@ def test_static_cache_decoder_matches_dynamic_cache_on_cpu(tiny_pair):
     assert tokens.tolist() == runner.last_tokens
     assert marks == ["first", "end"]
     assert decoder.generate(torch.tensor(prompts), 7).tolist() == runner.last_tokens  # reset between runs
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_cpu_engine_matches_the_eager_loop(tiny_pair):
+    """torch-compile: the inductor-compiled static-cache decode step gives the eager tokens."""
+    _, factored = tiny_pair
+    config = BenchConfig(prompt_tokens=10, new_tokens=6)
+    eager = get_engine("torch").load(factored, "factored", config)
+    compiled = get_engine("torch-compile").load(factored, "factored", config)
+    prompts = [list(range(3, 13))]
+    eager.run(prompts, 6)
+    for _ in range(2):  # the second run replays the compiled step
+        timing = compiled.run(prompts, 6)
+        assert compiled.last_tokens == eager.last_tokens
+        assert timing.ttft_s > 0 and timing.decode_s > 0
+    assert set(compiled.decoders) == {1}
 
 
 def test_run_offline_torch_on_tiny_model(tiny_pair):

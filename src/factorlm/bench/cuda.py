@@ -26,19 +26,24 @@ log = logging.getLogger(__name__)
 class StaticGreedyDecoder:
     """Greedy generation for a fixed batch size against a ``StaticCache`` of ``max_cache_len`` tokens.
 
-    With ``compile=True`` the decode step goes through ``torch.compile(mode="reduce-overhead")``,
-    which captures it as a CUDA graph on GPU; prefill always runs eagerly (its shape varies).
+    With ``compile=True`` the decode step goes through ``torch.compile(mode=compile_mode)``:
+    ``"reduce-overhead"`` captures it as a CUDA graph on GPU; on CPU ``"default"`` lets inductor
+    fuse the elementwise work and drop the Python dispatch of every op. Prefill always runs
+    eagerly (its shape varies).
     """
 
-    def __init__(self, model: Any, max_cache_len: int, compile: bool = False) -> None:
+    def __init__(self, model: Any, max_cache_len: int, compile: bool = False,
+                 compile_mode: str = "reduce-overhead") -> None:
         from transformers import StaticCache
 
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self.max_cache_len = max_cache_len
         self.compiled = compile
+        self.graphs = compile and compile_mode == "reduce-overhead"
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            torch.compile(self._eager_step, mode="reduce-overhead", fullgraph=True) if compile else self._eager_step)
+            torch.compile(self._eager_step, mode=compile_mode, fullgraph=True, dynamic=False) if compile
+            else self._eager_step)
 
     def _eager_step(self, token: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=token, cache_position=cache_position, past_key_values=self.cache,
@@ -60,7 +65,7 @@ class StaticGreedyDecoder:
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
         """Feed ``token`` [B, 1] at cache slot ``position``; return the next token (a fresh tensor)."""
-        if self.compiled:
+        if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # graph outputs are reused: clone before the next replay
         cache_position = torch.tensor([position], device=token.device)
         return self._step(token, cache_position).clone()
