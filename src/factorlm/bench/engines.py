@@ -68,10 +68,10 @@ class TorchRunner:
 class CompiledCpuRunner:
     """The factorlm torch runtime on CPU with the one-token decode step compiled by inductor.
 
-    Eager decoding pays Python dispatch for every op of every layer, the same absolute cost
-    for a dense and a factored model, which hides part of what the smaller factors save.
-    A static KV cache fixes the step's shapes, so ``torch.compile`` traces it once per batch
-    size (during the benchmark's warm-up) and replays fused C++ kernels. Prefill runs eagerly.
+    Eager decoding pays Python dispatch for every op of every layer. A static KV cache fixes
+    the step's shapes, so ``torch.compile`` traces it once per batch size (during the
+    benchmark's warm-up) and replays fused C++ kernels; what is left is mostly the matrix
+    products, i.e. how close each model gets to memory bandwidth. Prefill runs eagerly.
     """
 
     element_bytes = 4
