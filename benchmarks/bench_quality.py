@@ -88,15 +88,18 @@ FINETUNE_ARGS = ["--steps", str(FINETUNE_STEPS), "--samples", "64", "--seq-len",
 
 def grid_correctors(keeps: list[float]) -> list[tuple[str, list[str]]]:
     """CALR's whole-model reductions: saes+allocation without, with closed-form, with trained correctors, and
-    the rank-only checkpoint after end-to-end distillation (same parameters, factors trained on KL to dense)."""
+    the rank-only and trained-corrector checkpoints after end-to-end distillation (same parameters, factors
+    trained on KL to dense)."""
     del keeps
     out = []
     for r in CALR_REDUCTIONS:
         base = ["--method", "saes", "--allocation", "mgaa", "--reduction", str(r)]
         out += [(f"saes-mgaa-r{r}", base),
-                (f"saes-mgaa-r{r}-corr-closed", base + ["--corrector", "auto", "--corrector-steps", "0"]),
+                (f"saes-mgaa-r{r}-corr-closed", base + ["--corrector", "auto", "--corrector-steps", "0", "--corrector-layer-steps", "0"]),
                 (f"saes-mgaa-r{r}-corr-trained", base + ["--corrector", "auto"]),
-                (f"saes-mgaa-r{r}{FINETUNE_SUFFIX}{FINETUNE_STEPS}", base + [FINETUNE, *FINETUNE_ARGS])]
+                (f"saes-mgaa-r{r}{FINETUNE_SUFFIX}{FINETUNE_STEPS}", base + [FINETUNE, *FINETUNE_ARGS]),
+                (f"saes-mgaa-r{r}-corr-trained{FINETUNE_SUFFIX}{FINETUNE_STEPS}",
+                 base + ["--corrector", "auto", FINETUNE, *FINETUNE_ARGS])]
     return out
 
 

@@ -27,6 +27,7 @@ def report_rows(entries: list[dict[str, Any]], dense_params: int) -> list[dict[s
         e["allocation"] = totals.get("allocation")
         e["dense_modules"] = totals.get("dense_modules")
         e["allocation_s"] = totals.get("allocation_time_s")
+        e["correctors"] = (totals.get("hooks") or {}) if "corrector_params" in (totals.get("hooks") or {}) else None
         avg = s["zeroshot"]["average"]
         e["retention"] = avg / dense_avg if dense_avg else None
     return entries
@@ -67,11 +68,23 @@ def _f(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def corrector_cells(hooks: dict[str, Any] | None) -> list[str]:
+    """Corrector parameters (corrected modules) and where the corrector time went, from the compress report."""
+    if not hooks:
+        return ["-", "-"]
+    sec = hooks.get("seconds", {})
+    split = " / ".join(_f(sec.get(k), ".0f") for k in ("init", "layer", "block", "distill"))
+    return [f"{hooks['corrector_params']:,} ({hooks.get('corrected_modules', '-')})", split]
+
+
 def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     tasks = meta["settings"]["tasks"]
     head = ["config", "model params removed %", "linear kept %", "WikiText-2 ppl",
             *[f"{t} acc / norm" for t in tasks], "avg acc ± se", "retention", "allocation (dense modules)",
             "allocation s", "compress wall s", "compress CPU s", "compress peak MiB"]
+    corrected = any(e.get("correctors") for e in entries)
+    if corrected:
+        head += ["corrector params (modules)", "corrector s init / layer / block / distill"]
     tuned = any("finetune" in e for e in entries)
     if tuned:
         head += ["finetune s", "held-out KL before -> after"]
@@ -102,6 +115,8 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
                   "-" if not e.get("allocation") else f"{e['allocation']} ({e.get('dense_modules', 0)})",
                   _f(e.get("allocation_s"), ".1f"), _f(c.get("wall_s"), ".1f"),
                   _f(c.get("cpu_s"), ".1f"), _f(c.get("peak_rss_mib"), ".0f")]
+        if corrected:
+            cells += corrector_cells(e.get("correctors"))
         if tuned:
             ft = e.get("finetune", {})
             kl = ft.get("held_out_kl")

@@ -47,9 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     corr.add_argument("--corrector-fraction", type=float, default=0.03,
                       help="auto: fraction of the dense linear parameters spent on correctors (default 0.03)")
     corr.add_argument("--corrector-steps", type=int, default=100,
-                      help="block-level training steps per block (default 100; 0 = closed form only)")
+                      help="block-level training steps per block (default 100; 0 skips the block stage, and with "
+                           "--corrector-layer-steps 0 too the correctors are the closed form alone)")
     corr.add_argument("--corrector-layer-steps", type=int, default=50,
-                      help="per-layer training steps before the block stage (default 50)")
+                      help="per-layer training steps before the block stage (default 50; 0 skips it)")
     corr.add_argument("--corrector-distill-steps", type=int, default=0,
                       help="end-to-end KL distillation steps on the logits after the last block (default 0)")
     corr.add_argument("--corrector-lr", type=float, default=1e-3, help="learning rate of the layer/block stages")
