@@ -9,6 +9,13 @@ each, so every ratio comes from one run) and writes the sweep the plots read.
 
     python benchmarks/bench_offline.py --keep 0.5 --engines torch,onnx --batch 1,4 --repeats 5
     python benchmarks/bench_offline.py --keep 0.3 0.5 0.7 0.9 --engines torch --batch 1,4 --tag sweep-cpu-t1
+
+``--model synthetic:SHAPE`` times a random-weight pair of a published architecture's shape
+instead (``factorlm.bench.synthetic``: llama-3.2-1b, llama-3.1-8b, ...; speed only, the
+values carry no meaning), which is how the GPU runs cover models a machine cannot download:
+
+    python benchmarks/bench_offline.py --model synthetic:llama-3.2-1b --device cuda --engines torch \
+        --keep 0.5 --batch 1,8,32 --prompt-tokens 128 --new-tokens 128
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 
 from factorlm.bench.offline import format_markdown, run_offline
 from factorlm.bench.runner import BenchConfig
+from factorlm.bench.synthetic import SHAPES, write_synthetic_pair
 from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint
 from factorlm.sample_model import cache_root, find_gguf, materialize_sample_model
 
@@ -36,6 +44,29 @@ def factored_sample(keep: float) -> Path:
     return path
 
 
+def model_pair(model: str, keep: float, device: str) -> tuple[Path, Path]:
+    """(dense, factored) folders: the sample model and its svd copy, or a cached synthetic pair."""
+    if model == "sample":
+        return materialize_sample_model(), factored_sample(keep)
+    shape = model.removeprefix("synthetic:")
+    if not model.startswith("synthetic:") or shape not in SHAPES:
+        raise SystemExit(f"--model must be 'sample' or synthetic:SHAPE with SHAPE one of {', '.join(SHAPES)}; "
+                         f"got {model!r}")
+    import torch
+
+    build_on = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"  # else the runner says why it skips
+    return write_synthetic_pair(shape, keep, cache_root() / "synthetic", device=build_on)
+
+
+def device_slug(device: str) -> str:
+    """'cpu', or the GPU model in lower case ('nvidia-h200'), for result file names."""
+    if device != "cuda":
+        return device
+    import torch
+
+    return torch.cuda.get_device_name().lower().replace(" ", "-") if torch.cuda.is_available() else "cuda"
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -45,6 +76,8 @@ def write_atomic(path: Path, text: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--model", default="sample",
+                    help="'sample' (default) or synthetic:SHAPE, a random-weight pair of a named architecture")
     ap.add_argument("--engines", default="torch,onnx")
     ap.add_argument("--batch", default="1,4")
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -62,7 +95,6 @@ def main() -> int:
 
     engines = [e for e in args.engines.split(",") if e] + (["llamacpp"] if args.gguf else [])
     onnx_dirs = {k: v for k, v in (("dense", args.onnx_dense), ("factored", args.onnx_factored)) if v}
-    dense = materialize_sample_model()
     command = "python benchmarks/bench_offline.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     runs = []
     for keep in args.keep:
@@ -72,12 +104,20 @@ def main() -> int:
                              onnx_dirs=onnx_dirs if len(args.keep) == 1 else {k: v for k, v in onnx_dirs.items()
                                                                                if k == "dense"},
                              gguf=find_gguf() if args.gguf else None, memory=args.memory)
-        result = run_offline(dense, factored_sample(keep), config)
-        result.update(keep=keep, method="svd", command=command)
+        dense, factored = model_pair(args.model, keep, args.device)
+        result = run_offline(dense, factored, config)
+        result.update(keep=keep, method="svd" if args.model == "sample" else "random factors", model=args.model,
+                      command=command)
         runs.append(result)
         print(format_markdown(result, command), flush=True)
 
-    tag = args.tag or f"{args.device}-t{args.threads}-keep{args.keep[0]}"
+    if not any(r["results"] for r in runs):
+        reasons = sorted({why for r in runs for why in r["skipped"].values()})
+        print(f"error: no engine ran ({'; '.join(reasons)}); no results written", file=sys.stderr)
+        return 1
+    parts = [device_slug(args.device), None if args.model == "sample" else args.model.removeprefix("synthetic:"),
+             f"t{args.threads}" if args.device == "cpu" else None, f"keep{args.keep[0]}"]
+    tag = args.tag or "-".join(p for p in parts if p)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if len(runs) == 1:
         payload, text = runs[0], format_markdown(runs[0], command)

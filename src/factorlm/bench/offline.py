@@ -132,7 +132,8 @@ def run_offline(dense: Path, factored: Path, config: BenchConfig, *, progress: b
     torch.set_num_threads(config.threads)
     load_start = os.getloadavg()
     probe_device = "cuda" if config.device == "cuda" else "cpu"
-    bandwidth = [measure_bandwidth(config.bandwidth_mib, device=probe_device)] if config.bandwidth_mib else []
+    probe_mib = config.bandwidth_mib if probe_device == "cpu" or torch.cuda.is_available() else 0  # no GPU: engines skip
+    bandwidth = [measure_bandwidth(probe_mib, device=probe_device)] if probe_mib else []
     footprints = {"dense": ModelFootprint.from_folder(dense), "factored": ModelFootprint.from_folder(factored)}
     ids = load_tokenizer(dense)(PROMPT_TEXT).input_ids
     prompts = {b: prompt_windows(ids, b, config.prompt_tokens) for b in config.batches}
@@ -182,8 +183,8 @@ def run_offline(dense: Path, factored: Path, config: BenchConfig, *, progress: b
                 path = Path(os.path.expanduser(models[f"{name}/{variant}"]["path"]))
                 isolated[(name, variant)] = (batch, isolated_peak_rss(name, variant, path, config, prompts[batch],
                                                                       config.new_tokens))
-    if config.bandwidth_mib:
-        bandwidth.append(measure_bandwidth(config.bandwidth_mib, device=probe_device))
+    if probe_mib:
+        bandwidth.append(measure_bandwidth(probe_mib, device=probe_device))
     load_end = os.getloadavg()
 
     probe = median([b["bandwidth_gbps_median"] for b in bandwidth]) if bandwidth else float("nan")
@@ -255,6 +256,10 @@ def format_markdown(result: dict[str, Any], command: str = "") -> str:
     lines = [f"# Offline decode/prefill benchmark ({cfg['device']}, {cfg['threads']} thread(s))", ""]
     if command:
         lines += [f"`{command}`", ""]
+    if str(result.get("model", "")).startswith("synthetic:"):
+        lines += [f"Models: random weights with the {result['model'].removeprefix('synthetic:')} configuration, "
+                  f"dense and factored with uniform ranks at keep {result.get('keep')} (speed only: decode time "
+                  "depends on shapes and ranks, not on the values).", ""]
     lines += [
         f"Prompt {cfg['prompt_tokens']} tokens, {cfg['new_tokens']} greedy new tokens, median of {cfg['repeats']} "
         f"interleaved rounds. Machine: {m['processor']}, {m['cpu_count']} CPUs"
