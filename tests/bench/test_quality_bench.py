@@ -127,3 +127,22 @@ def test_finetuned_rows_get_their_own_columns_and_commands(tmp_path):
     assert "finetune s | held-out KL before -> after |" in text
     assert "| 900.0 | 0.5200 -> 0.3100 |" in text and text.count("factorlm finetune A -o B") == 1
     assert bq.FINETUNE == "+finetune"
+
+
+def test_retention_above_chance_counts_only_the_margin_over_guessing(tmp_path):
+    chance = {"piqa": 0.5, "hellaswag": 0.25}
+    entries = [{"name": "dense", "scores": _scores(20.0, {"piqa": 0.7, "hellaswag": 0.45}, 100)},
+               {"name": "c", "scores": _scores(90.0, {"piqa": 0.6, "hellaswag": 0.25}, 80)},
+               {"name": "guess", "scores": _scores(900.0, {"piqa": 0.5, "hellaswag": 0.25}, 80)}]
+    qr.report_rows(entries, 100, chance)
+    assert entries[1]["above_chance"] == pytest.approx(0.1 / 0.4)
+    assert entries[2]["above_chance"] == pytest.approx(0.0) and entries[2]["retention"] == pytest.approx(0.75 / 1.15)
+    assert qr.flat_rows(entries)[1]["retention_above_chance"] == pytest.approx(0.25)
+    meta = {"name": "t", "settings": {"tasks": list(chance), "ppl_tokens": 8192, "threads": 1}, "calibration": "c",
+            "zeroshot_note": "z", "cpu": "x", "load_start": [1], "load_end": [1], "wall_s": 3.0, "command": "c",
+            "chance": chance}
+    qr.write_markdown(tmp_path / "q.md", entries, meta)
+    text = (tmp_path / "q.md").read_text()
+    assert "| retention | retention above chance |" in text and "| 0.652 | 0.000 |" in text
+    assert "piqa 0.500, hellaswag 0.250, average 0.375" in text
+    assert qr.above_chance_retention({"piqa": {"acc": 0.5}}, {"piqa": {"acc": 0.5}}, {"piqa": 0.5}) is None

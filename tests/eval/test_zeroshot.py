@@ -203,3 +203,14 @@ def test_cli_unknown_task_exits_2(tmp_path, capsys):
     path = save_tiny_dense(tmp_path / "m")
     assert main(["eval", "zeroshot", str(path), "--tasks", "piqa,nope", "--no-progress"]) == 2
     assert "unknown zero-shot task 'nope'" in capsys.readouterr().err
+
+
+@needs_data
+def test_chance_accuracy_is_the_mean_inverse_choice_count():
+    from factorlm.eval.zeroshot import chance_accuracy
+
+    assert chance_accuracy("piqa", limit=50) == pytest.approx(0.5)
+    assert chance_accuracy("hellaswag", limit=50) == pytest.approx(0.25)
+    arc = chance_accuracy("arc_easy", limit=200)
+    assert 0.2 < arc <= 0.34  # three to five choices per question
+    assert chance_accuracy("lambada", limit=10) == 0.0

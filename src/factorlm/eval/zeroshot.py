@@ -151,6 +151,20 @@ def select_indices(n_total: int, limit: int | None, seed: int = DEFAULT_SEED) ->
     return sorted(random.Random(seed).sample(range(n_total), limit))
 
 
+def chance_accuracy(name: str, limit: int | None = None, seed: int = DEFAULT_SEED) -> float:
+    """Expected acc of uniform guessing on the rows a run scores: the mean of 1 / choices.
+
+    A small model sits close to this floor on the harder tasks, so a compressed model's
+    accuracy is best read against it, not against zero. Generation tasks (``greedy``) have 0.
+    """
+    spec = get_task(name)
+    if spec.kind != "multiple_choice":
+        return 0.0
+    rows = spec.load()
+    picked = select_indices(len(rows), limit, seed)
+    return sum(1.0 / len(spec.to_doc(rows[i]).contexts) for i in picked) / len(picked)
+
+
 # --- orchestration ---------------------------------------------------------------------------
 
 @dataclass
