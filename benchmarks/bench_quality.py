@@ -94,12 +94,12 @@ def grid_correctors(keeps: list[float]) -> list[tuple[str, list[str]]]:
     out = []
     for r in CALR_REDUCTIONS:
         base = ["--method", "saes", "--allocation", "mgaa", "--reduction", str(r)]
+        corr = ["--corrector", "auto", "--corrector-init", "functional"]
         out += [(f"saes-mgaa-r{r}", base),
-                (f"saes-mgaa-r{r}-corr-closed", base + ["--corrector", "auto", "--corrector-steps", "0", "--corrector-layer-steps", "0"]),
-                (f"saes-mgaa-r{r}-corr-trained", base + ["--corrector", "auto"]),
+                (f"saes-mgaa-r{r}-corr-closed", base + corr + ["--corrector-steps", "0", "--corrector-layer-steps", "0"]),
+                (f"saes-mgaa-r{r}-corr-trained", base + corr),
                 (f"saes-mgaa-r{r}{FINETUNE_SUFFIX}{FINETUNE_STEPS}", base + [FINETUNE, *FINETUNE_ARGS]),
-                (f"saes-mgaa-r{r}-corr-trained{FINETUNE_SUFFIX}{FINETUNE_STEPS}",
-                 base + ["--corrector", "auto", FINETUNE, *FINETUNE_ARGS])]
+                (f"saes-mgaa-r{r}-corr-trained{FINETUNE_SUFFIX}{FINETUNE_STEPS}", base + corr + [FINETUNE, *FINETUNE_ARGS])]
     return out
 
 

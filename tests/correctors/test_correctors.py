@@ -8,6 +8,7 @@ from factorlm.compressor.correctors import (
     distill,
     eora_corrector,
     fold_corrector,
+    functional_residual,
     residual_energy,
     train_layer,
 )
@@ -56,6 +57,46 @@ def test_eora_is_optimal_for_the_weighted_objective():
     assert err_eora <= err_plain + 1e-9
     energy = residual_energy(r, gram)
     torch.testing.assert_close(err_eora**2, energy[6:].sum(), rtol=1e-5, atol=0)
+
+
+def test_functional_residual_is_the_weight_residual_on_a_shared_stream():
+    w, _ = planted()
+    approx = w.clone()
+    approx[:, :10] *= 0.5  # some U V
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 40, generator=g, dtype=torch.float64)
+    r, gram = functional_residual(x, x @ (w - approx).T, damp=0.0)
+    torch.testing.assert_close(r, w - approx)
+    torch.testing.assert_close(gram, x.T @ x)
+    damped, _ = functional_residual(x, x @ (w - approx).T)  # the ridge shrinks, never grows, the residual
+    assert float(damped.norm()) < float((w - approx).norm())
+
+
+def test_functional_closed_form_keeps_compensation_the_weight_residual_undoes():
+    """Factors fitted to a shifted (student) stream: W - UV is not what the output lost."""
+    w, x_teacher = planted(seed=1)
+    g = torch.Generator().manual_seed(2)
+    drift = torch.randn(40, 40, generator=g, dtype=torch.float64) * 0.05
+    x_student = x_teacher + x_teacher @ drift  # upstream error of the compressed model
+    target = x_teacher @ w.T
+    # compensated rank-8 factors: the best rank-8 map from the student rows to the dense outputs
+    full = torch.linalg.lstsq(x_student, target).solution.T  # [out, in]
+    a8, b8 = eora_corrector(full, x_student.T @ x_student, 8)
+    uv = b8 @ a8
+    error = target - x_student @ uv.T
+    func_r, gram = functional_residual(x_student, error, damp=0.0)
+    weight_r = w - uv
+    for c in (2, 4, 8):
+        after = {}
+        for name, r in (("weight", weight_r), ("functional", func_r)):
+            a, b = eora_corrector(r, gram, c)
+            after[name] = float(torch.linalg.norm(error - x_student @ (b @ a).T))
+        assert after["functional"] < float(torch.linalg.norm(error))  # never worse than no corrector
+        assert after["functional"] < after["weight"]
+    # and its energy says exactly what a rank-c correction removes
+    a, b = eora_corrector(func_r, gram, 4)
+    removed = float(torch.linalg.norm(error)) ** 2 - float(torch.linalg.norm(error - x_student @ (b @ a).T)) ** 2
+    assert removed == pytest.approx(float(residual_energy(func_r, gram)[:4].sum()), rel=1e-6)
 
 
 def test_training_lowers_functional_residual():

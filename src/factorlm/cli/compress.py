@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="per-layer training steps before the block stage (default 50; 0 skips it)")
     corr.add_argument("--corrector-distill-steps", type=int, default=0,
                       help="end-to-end KL distillation steps on the logits after the last block (default 0)")
+    corr.add_argument("--corrector-init", choices=("functional", "weight"), default="functional",
+                      help="closed-form start from the functional residual (the layer's output error on the "
+                           "compressed stream, default) or the weight residual W - UV (plain EoRA)")
     corr.add_argument("--corrector-lr", type=float, default=1e-3, help="learning rate of the layer/block stages")
     corr.add_argument("--corrector-train", choices=("corrector", "all"), default="all",
                       help="train the factors together with the correctors (all, default) or the correctors only")
@@ -95,7 +98,7 @@ def build_hooks(args: argparse.Namespace) -> list:
     config = CorrectorConfig(rank=rank, fraction=args.corrector_fraction, layer_steps=args.corrector_layer_steps,
                              block_steps=args.corrector_steps, distill_steps=args.corrector_distill_steps,
                              lr=args.corrector_lr, train=args.corrector_train, save=args.corrector_save, multiple=args.rank_multiple,
-                             seed=args.seed)
+                             seed=args.seed, init=getattr(args, "corrector_init", "functional"))
     return [CorrectorHook(config)]
 
 

@@ -4,7 +4,8 @@ Per block, after its linears are factorized:
 
 1. every factored linear gets a corrector ``B(Ax)`` whose rank comes from the residual
    energy (``auto``, within the parameters reserved for correctors) or is fixed;
-2. the corrector starts from the closed-form EoRA compensation of the whitened residual;
+2. the corrector starts from the closed-form EoRA compensation of the whitened residual (by
+   default the functional one: what the layer's output lost on the compressed stream);
 3. it is trained on the functional residual: first per layer (the dense layer's output on
    the teacher stream is the target for the layer's input on the student stream), then per
    block (the dense block on the teacher stream is the target of the compressed block on
@@ -34,9 +35,10 @@ from ..runtime.arch import get_arch
 from ..runtime.checkpoint import fold_correctors
 from ..runtime.factored_linear import FactoredLinear
 from ..runtime.format import FactorlmError
-from .correctors import (CorrectedLinear, attach_corrector, corrector_ranks, distill, eora_corrector, gram_eigh, residual_energy,
-                         train_layer)
+from .correctors import (CorrectedLinear, attach_corrector, corrector_ranks, distill, eora_corrector, functional_residual,
+                         gram_eigh, residual_energy, train_layer)
 from .hooks import BlockContext
+from .streaming import probe_groups
 from .whitening import accumulate_gram
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ class CorrectorConfig:
     ``train``: ``"corrector"`` trains A and B only; ``"all"`` also fine-tunes the factors.
     ``save``: ``"folded"`` writes plain factors; ``"separate"`` keeps A and B apart in the
     checkpoint for further training (the runtime folds them on load).
+    ``init``: the closed form starts from the ``"functional"`` residual (the layer's output
+    error on the compressed stream against the dense layer on the dense stream, the default)
+    or the ``"weight"`` residual W - UV (plain EoRA; the same thing when the factors were not
+    fitted to compensate upstream error).
     Steps of 0 skip a stage; with all steps 0 the correctors are the closed form alone.
     """
 
@@ -69,8 +75,11 @@ class CorrectorConfig:
     multiple: int = 8
     max_rank: int = 128
     seed: int = 0
+    init: str = "functional"
 
     def __post_init__(self) -> None:
+        if self.init not in ("functional", "weight"):
+            raise FactorlmError(f"corrector init must be 'functional' or 'weight', got {self.init!r}")
         if self.rank is not None and self.rank < 1:
             raise FactorlmError(f"corrector rank must be positive, got {self.rank}")
         if not 0.0 < self.fraction < 0.5:
@@ -198,6 +207,25 @@ class CorrectorHook:
             self._eig_cache[key] = (gram, gram_eigh(gram))
         return self._eig_cache[key][1]
 
+    def _residuals(self, ctx: BlockContext, names: list[str], student_rows: dict[str, torch.Tensor],
+                   teacher_rows: dict[str, torch.Tensor], dense: dict[str, nn.Linear]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per linear: the residual its corrector should remove, and the Gram that weights it."""
+        residuals, grams = {}, {}
+        for n in names:
+            layer = ctx.block.get_submodule(n)
+            w = dense[n].weight.detach().double()
+            if self.config.init == "functional":
+                with torch.no_grad():
+                    error = (dense[n](teacher_rows[n].to(dense[n].weight.dtype)).double()
+                             - layer(student_rows[n].to(layer.weight_u.dtype)).double())
+                residuals[n], grams[n] = functional_residual(student_rows[n], error)
+            else:
+                residuals[n] = w - layer.weight_u.detach().double() @ layer.weight_v.detach().double()
+                gram = ctx.grams.get(n)
+                grams[n] = (gram if gram is not None else accumulate_gram(None, student_rows[n])).to(w.device)
+        return residuals, grams
+
     def _ranks(self, ctx: BlockContext, residuals: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
                teacher_rows: dict[str, torch.Tensor], dense: dict[str, nn.Linear]) -> dict[str, int]:
         if self.config.rank is not None:
@@ -227,36 +255,39 @@ class CorrectorHook:
         student_rows = capture_inputs(ctx.block, names, student, ctx.block_kwargs)
         teacher_rows = capture_inputs(ctx.dense_block, names, teacher, ctx.block_kwargs)
         dense = {n: ctx.dense_block.get_submodule(n) for n in names}
-        residuals, grams = {}, {}
-        for n in names:
-            layer = ctx.block.get_submodule(n)
-            w = dense[n].weight.detach().double()
-            residuals[n] = w - layer.weight_u.detach().double() @ layer.weight_v.detach().double()
-            gram = ctx.grams.get(n)
-            grams[n] = (gram if gram is not None else accumulate_gram(None, student_rows[n])).to(w.device)
+        residuals, grams = self._residuals(ctx, names, student_rows, teacher_rows, dense)
         ranks = self._ranks(ctx, residuals, grams, teacher_rows, dense)
-        report: dict[str, dict[str, Any]] = {}
+        report: dict[str, dict[str, Any]] = {n_full: {"corrector_rank": ranks.get(n, 0)}
+                                             for n, n_full in ctx.linear_names.items() if n in names}
         corrected: dict[str, CorrectedLinear] = {}
         originals = {n: [p.detach().clone() for p in ctx.block.get_submodule(n).parameters()] for n in names}
-        for n in names:
-            c = ranks.get(n, 0)
-            full = ctx.linear_names[n]
-            report[full] = {"corrector_rank": c}
-            if c <= 0:
-                continue
-            base = ctx.block.get_submodule(n)
-            a, b = eora_corrector(residuals[n], grams[n], c, self._eig(grams[n]))
-            dtype = base.weight_u.dtype
-            module = attach_corrector(base, a.to(dtype), b.to(dtype), train_base=cfg.train == "all")
-            parent, _, child = n.rpartition(".")
-            setattr(ctx.block.get_submodule(parent) if parent else ctx.block, child, module)
-            corrected[n] = module
-            self._spent += c * sum(residuals[n].shape)
+        # functional init goes group by group in execution order (q/k/v, o, gate/up, down): a group's
+        # residual is taken with the earlier groups' correctors in place, so no error is corrected twice
+        groups = (probe_groups(ctx.block, names, student[0], ctx.block_kwargs, student[0].device)
+                  if cfg.init == "functional" else [names])
+        for gi, group in enumerate(groups):
+            todo = [n for n in group if ranks.get(n, 0) > 0]
+            if gi > 0 and todo and corrected:
+                student_rows.update(capture_inputs(ctx.block, todo, student, ctx.block_kwargs))
+                self._eig_cache.clear()
+                update = self._residuals(ctx, todo, student_rows, teacher_rows, dense)
+                residuals.update(update[0])
+                grams.update(update[1])
+            for n in todo:
+                base = ctx.block.get_submodule(n)
+                a, b = eora_corrector(residuals[n], grams[n], ranks[n], self._eig(grams[n]))
+                dtype = base.weight_u.dtype
+                module = attach_corrector(base, a.to(dtype), b.to(dtype), train_base=cfg.train == "all")
+                parent, _, child = n.rpartition(".")
+                setattr(ctx.block.get_submodule(parent) if parent else ctx.block, child, module)
+                corrected[n] = module
+                self._spent += ranks[n] * sum(residuals[n].shape)
         self._eig_cache.clear()
         self._seconds["init"] += time.perf_counter() - started
         error_init = relative_block_error(ctx.block, student, targets, ctx.block_kwargs)
         t0 = time.perf_counter()
-        if cfg.layer_steps:
+        if cfg.layer_steps and corrected:
+            snapshot = [p.detach().clone() for m in corrected.values() for p in m.parameters()]
             with torch.enable_grad():
                 for n, module in corrected.items():
                     target = teacher_rows[n] @ dense[n].weight.detach().float().T
@@ -265,6 +296,12 @@ class CorrectorHook:
                     losses = train_layer(module, student_rows[n].to(module.corrector_a.dtype), target.to(module.corrector_a.dtype),
                                          steps=cfg.layer_steps, lr=cfg.lr, seed=cfg.seed + ctx.index)
                     report[ctx.linear_names[n]]["layer_loss"] = [round(losses[0], 6), round(losses[-1], 6)]
+            if relative_block_error(ctx.block, student, targets, ctx.block_kwargs) > error_init:
+                # each layer fits its own output, not the block's: keep that only when the block gains
+                with torch.no_grad():
+                    for p, kept in zip((p for m in corrected.values() for p in m.parameters()), snapshot):
+                        p.copy_(kept)
+                logger.info("block %d: per-layer training raised the block error; kept the closed form", ctx.index)
         self._seconds["layer"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if cfg.block_steps and corrected:

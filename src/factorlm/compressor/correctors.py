@@ -1,7 +1,8 @@
 """CALR correctors: a small parallel low-rank path that recovers a layer's functional residual.
 
 A factored layer U(Vx) loses (W - UV)x. The corrector B(Ax) (A: [c, in], B: [out, c]) is
-initialised in closed form from the activation-weighted residual (EoRA) and then trained on
+initialised in closed form from the activation-weighted residual (EoRA; by default of the
+functional residual, what the layer's output lost on the compressed stream) and then trained on
 the functional residual — the layer's output error on calibration activations, a block's
 output error against the dense block, or the logits' KL to the dense model. At save time it
 folds exactly into the factors: U <- [U | B], V <- [V ; A], so every reader sees plain (U, V).
@@ -23,7 +24,7 @@ from ..runtime.format import FactorlmError
 logger = logging.getLogger(__name__)
 
 __all__ = ["CorrectedLinear", "attach_corrector", "corrector_ranks", "distill", "eora_corrector", "fold_corrector",
-           "gram_eigh", "kl_distill", "kl_to_teacher", "lr_factor", "residual_energy", "train_layer"]
+           "functional_residual", "gram_eigh", "kl_distill", "kl_to_teacher", "lr_factor", "residual_energy", "train_layer"]
 
 
 def gram_eigh(gram: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +51,28 @@ def eora_corrector(residual: torch.Tensor, gram: torch.Tensor, rank: int,
     b = u[:, :rank] * sr
     a = (sr[:, None] * vh[:rank]) / root @ q.T
     return a.to(residual.dtype), b.to(residual.dtype)
+
+
+def functional_residual(inputs: torch.Tensor, output_error: torch.Tensor,
+                        damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight-space residual R [out, in] that best explains a layer's output error, and its Gram.
+
+    ``inputs`` X [N, in] are the layer's activations on the compressed (student) stream and
+    ``output_error`` E [N, out] = dense output on the dense stream - current output on X. With
+    G = XᵀX + δI (δ = ``damp`` x the mean diagonal, a ridge that keeps directions the data barely
+    reaches from being amplified), R = Eᵀ X G⁻¹, and :func:`eora_corrector` (R, G) gives the best
+    rank-c correction of the *functional* residual, min ||E - X (BA)ᵀ||² + δ||R - BA||². When both
+    streams see the same inputs and δ = 0, R is the plain weight residual W - UV (EoRA). When
+    the factors were fitted to compensate upstream error (saes), W - UV is not what the output
+    lost, and correcting it would undo the compensation; this residual is what it lost.
+    """
+    x = inputs.reshape(-1, inputs.shape[-1]).double()
+    err = output_error.reshape(-1, output_error.shape[-1]).double()
+    if x.shape[0] != err.shape[0]:
+        raise FactorlmError(f"functional residual: {x.shape[0]} input rows but {err.shape[0]} output-error rows")
+    gram = x.T @ x
+    gram = gram + damp * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram, x.T @ err).T, gram
 
 
 def residual_energy(residual: torch.Tensor, gram: torch.Tensor,
