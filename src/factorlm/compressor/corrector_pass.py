@@ -38,6 +38,7 @@ from ..runtime.format import FactorlmError
 from .correctors import (CorrectedLinear, attach_corrector, corrector_ranks, distill, eora_corrector, functional_residual,
                          gram_eigh, residual_energy, train_layer)
 from .hooks import BlockContext
+from .loss_plots import loss_curve_png
 from .streaming import probe_groups
 from .whitening import accumulate_gram
 
@@ -393,31 +394,3 @@ class CorrectorHook:
         finally:
             for p in params:
                 p.requires_grad_(False)
-
-
-def loss_curve_png(history: list[dict[str, Any]]) -> bytes | None:
-    """The block-training losses (one line per block, start to end) and the distillation curve, as PNG bytes."""
-    if not history:
-        return None
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    blocks = sorted({h["block"] for h in history if h["stage"] == "block"})
-    for b in blocks:
-        ys = [h["loss"] for h in history if h["stage"] == "block" and h["block"] == b]
-        axes[0].plot(ys, color=plt.cm.viridis(b / max(len(blocks) - 1, 1)), lw=0.8)
-    axes[0].set(title="block training (colour: block index)", xlabel="step", ylabel="relative MSE", yscale="log")
-    ys = [h["loss"] for h in history if h["stage"] == "distill"]
-    if ys:
-        axes[1].plot(ys)
-    axes[1].set(title="end-to-end distillation", xlabel="step", ylabel="KL(dense || compressed)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()

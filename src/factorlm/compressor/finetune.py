@@ -14,7 +14,6 @@ on text the steps never saw.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from ..runtime.factored_linear import CorrectedLinear, FactoredLinear
 from ..runtime.format import FactorlmError
 from .correctors import kl_distill, kl_to_teacher
+from .loss_plots import loss_png
 
 logger = logging.getLogger(__name__)
 
@@ -146,27 +146,6 @@ def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_o
         "loss": [round(v, 6) for v in losses],
         "seconds": {"train": round(t2 - t1, 2), "held_out_eval": round(time.perf_counter() - t2 + t1 - t0, 2)},
     }
-
-
-def loss_png(report: dict[str, Any]) -> bytes:
-    """The training KL per step with the held-out KL before and after, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(report["loss"], lw=0.8, label="training window KL")
-    steps = len(report["loss"])
-    ax.scatter([0, steps - 1], [report["held_out_kl_before"], report["held_out_kl_after"]], color="C3", zorder=3,
-               label="held-out KL (before, after)")
-    ax.set(xlabel="step", ylabel="KL(dense || compressed) per token", yscale="log", title="end-to-end distillation")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, source: str,
