@@ -70,12 +70,12 @@ def calib(model, n=4, seq=24, seed=0):
     return torch.randint(3, model.config.vocab_size, (n, seq), generator=g)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_training_lowers_block_error_and_folding_is_exact(arch):
+@pytest.mark.parametrize("arch,init", [("llama", "functional"), ("qwen3", "functional"), ("llama", "weight")])
+def test_training_lowers_block_error_and_folding_is_exact(arch, init):
     torch.manual_seed(0)
     model, _ = make_tiny_model(arch)
     ids = calib(model)
-    hook = CorrectorHook(CorrectorConfig(rank=8, layer_steps=20, block_steps=60, lr=3e-3))
+    hook = CorrectorHook(CorrectorConfig(rank=8, layer_steps=20, block_steps=60, lr=3e-3, init=init))
     reports = run_loop(model, hook, ids)
     rows = list(reports.values())
     assert all(r["corrector_rank"] == 8 for r in rows)
@@ -95,6 +95,19 @@ def test_training_lowers_block_error_and_folding_is_exact(arch):
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     png = loss_curve_png(hook.history)
     assert png is not None and png[:4] == b"\x89PNG"
+
+
+def test_functional_closed_form_lowers_the_first_block_error():
+    """Closed form only: on block 0 both streams enter alike, so the functional residual is the
+    layer's own output error and its rank-8 correction must lower the block error."""
+    torch.manual_seed(0)
+    model, _ = make_tiny_model("llama")
+    hook = CorrectorHook(CorrectorConfig(rank=8, layer_steps=0, block_steps=0))
+    reports = run_loop(model, hook, calib(model, n=8, seq=32))
+    first = [r for name, r in reports.items() if ".0." in name]
+    assert first and all(r["block_error_closed_form"] < r["block_error_before"] for r in first)
+    with pytest.raises(FactorlmError, match="corrector init"):
+        CorrectorConfig(init="svd")
 
 
 def test_auto_ranks_stay_within_the_reserved_budget():
