@@ -194,3 +194,20 @@ def test_a_diverging_run_never_leaves_a_block_worse_than_the_plain_factorization
     hook = CorrectorHook(CorrectorConfig(rank=8, layer_steps=5, block_steps=10, lr=10.0))
     rows = list(run_loop(model, hook, ids).values())
     assert all(r["block_error_after"] <= r["block_error_before"] + 1e-6 for r in rows)
+
+
+def test_corrector_ranks_never_push_a_layer_past_dense():
+    """A fixed rank larger than a layer's room is cut so the folded layer stays cheaper than dense."""
+    from factorlm.compressor.correctors import corrector_room
+
+    assert corrector_room(192, 576, 136) == 7  # break-even 143 < full rank 192
+    assert corrector_room(576, 576, 300) == 0
+    torch.manual_seed(0)
+    model, _ = make_tiny_model("llama")
+    ids = calib(model)
+    hook = CorrectorHook(CorrectorConfig(rank=64, layer_steps=0, block_steps=0))
+    run_loop(model, hook, ids)
+    hook.finalize(model, ids)
+    for m in model.modules():
+        if isinstance(m, FactoredLinear):
+            assert m.rank * (m.in_features + m.out_features) < m.in_features * m.out_features

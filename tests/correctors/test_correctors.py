@@ -155,3 +155,15 @@ def test_distillation_reduces_kl_and_folded_checkpoint_loads(tmp_path):
     loaded = load_model(tmp_path / "ck")
     assert loaded.get_submodule(next(iter(ranks))).rank == 12
     torch.testing.assert_close(loaded(batches[0]).logits, before, atol=1e-4, rtol=1e-4)
+
+
+def test_save_refuses_a_rank_past_full_and_writes_nothing(tmp_path):
+    model, tok = make_tiny_model("llama")
+    name = "model.layers.0.self_attn.k_proj"
+    dense = model.get_submodule(name)
+    over = FactoredLinear(dense.in_features, dense.out_features, min(dense.in_features, dense.out_features) + 8)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, over)
+    with pytest.raises(FactorlmError, match="k_proj.*exceeds min"):
+        save_factored(model, tmp_path / "out", tokenizer=tok)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())

@@ -35,7 +35,7 @@ from ..runtime.arch import get_arch
 from ..runtime.checkpoint import fold_correctors
 from ..runtime.factored_linear import FactoredLinear
 from ..runtime.format import FactorlmError
-from .correctors import (CorrectedLinear, attach_corrector, corrector_ranks, distill, eora_corrector, functional_residual,
+from .correctors import (CorrectedLinear, attach_corrector, corrector_ranks, corrector_room, distill, eora_corrector, functional_residual,
                          gram_eigh, residual_energy, train_layer)
 from .hooks import BlockContext
 from .loss_plots import loss_curve_png
@@ -229,11 +229,12 @@ class CorrectorHook:
 
     def _ranks(self, ctx: BlockContext, residuals: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
                teacher_rows: dict[str, torch.Tensor], dense: dict[str, nn.Linear]) -> dict[str, int]:
+        room = {n: corrector_room(*r.shape, ctx.block.get_submodule(n).rank) for n, r in residuals.items()}
         if self.config.rank is not None:
-            return {n: min(self.config.rank, min(r.shape)) for n, r in residuals.items()}
+            return {n: min(self.config.rank, room[n]) for n in residuals}
         blocks_left = ctx.num_blocks - ctx.index
         budget = max(0, (self._reserved - self._spent) // max(blocks_left, 1))
-        energies = {n: residual_energy(residuals[n], grams[n], self._eig(grams[n])) for n in residuals}
+        energies = {n: residual_energy(residuals[n], grams[n], self._eig(grams[n]))[:room[n]] for n in residuals}
         out_energy = {n: float((teacher_rows[n] @ dense[n].weight.detach().float().T).double().pow(2).sum())
                       for n in residuals}
         costs = {n: sum(residuals[n].shape) for n in residuals}

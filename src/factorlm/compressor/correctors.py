@@ -24,7 +24,7 @@ from ..runtime.format import FactorlmError
 logger = logging.getLogger(__name__)
 
 __all__ = ["CorrectedLinear", "attach_corrector", "corrector_ranks", "distill", "eora_corrector", "fold_corrector",
-           "functional_residual", "gram_eigh", "kl_distill", "kl_to_teacher", "lr_factor", "residual_energy", "train_layer"]
+           "corrector_room", "functional_residual", "gram_eigh", "kl_distill", "kl_to_teacher", "lr_factor", "residual_energy", "train_layer"]
 
 
 def gram_eigh(gram: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +80,14 @@ def residual_energy(residual: torch.Tensor, gram: torch.Tensor,
     """Squared singular values of R G^{1/2}: the functional error each corrector direction can remove."""
     lam, q = eig if eig is not None else gram_eigh(gram)
     return torch.linalg.svdvals(residual.double() @ q * lam.sqrt()) ** 2
+
+
+def corrector_room(out_features: int, in_features: int, base_rank: int) -> int:
+    """The largest corrector rank a factored layer can take: folded, U V stays below full rank and
+    stores fewer parameters than the dense layer (past that, dense would be cheaper and exact)."""
+    full = min(out_features, in_features) - base_rank
+    break_even = (out_features * in_features - 1) // (out_features + in_features) - base_rank
+    return max(0, min(full, break_even))
 
 
 def corrector_ranks(energies: Mapping[str, torch.Tensor], output_energy: Mapping[str, float],

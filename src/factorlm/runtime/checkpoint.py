@@ -148,6 +148,11 @@ def save_factored(
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass overwrite=True (CLI: --overwrite) to replace it")
     ranks = factored_ranks(model)
+    for fqn, rank in ranks.items():  # refuse what load_factored would refuse, before anything is written
+        layer = model.get_submodule(fqn)
+        if rank > min(layer.in_features, layer.out_features):
+            raise FormatError(f"module {fqn!r}: rank {rank} exceeds min(in, out) = "
+                              f"{min(layer.in_features, layer.out_features)}; store it dense instead")
     correctors = corrector_ranks_of(model)
     base = config or FactoredConfig(ranks=ranks)
     mode = "separate" if correctors else ("folded" if base.correctors == "separate" else base.correctors)
