@@ -104,14 +104,14 @@ def write_markdown(path: Path, entries: list[dict[str, Any]], meta: dict[str, An
     if tuned:
         head += ["finetune s", "held-out KL before -> after"]
     lines = [f"# Quality: {meta['name']}", "",
-             f"- model: SmolLM2-135M-Instruct fp32 (factorlm sample-model), dense = the dequantized checkpoint",
+             "- model: SmolLM2-135M-Instruct fp32 (factorlm sample-model), dense = the dequantized checkpoint",
              f"- calibration: {meta['calibration']}",
              f"- perplexity: WikiText-2 raw test file, first {meta['settings']['ppl_tokens']} tokens, "
              "non-overlapping 2048-token windows",
              f"- zero-shot: {meta['zeroshot_note']}",
              "- retention = avg acc / dense avg acc; avg acc = mean of acc over the tasks (acc_norm not mixed in); "
              "se = its standard error (task stderrs combined as independent)",
-             *([f"- chance (uniform guessing on the scored rows): "
+             *(["- chance (uniform guessing on the scored rows): "
                 + ", ".join(f"{t} {c:.3f}" for t, c in meta["chance"].items())
                 + f", average {sum(meta['chance'].values()) / len(meta['chance']):.3f}; retention above chance = "
                 "sum over tasks of (acc - chance) / sum of (dense acc - chance), the share of the dense model's "

@@ -5,6 +5,7 @@ from torch import nn
 from factorlm.compressor.correctors import (
     attach_corrector,
     corrector_ranks,
+    damped_gram,
     distill,
     eora_corrector,
     fold_corrector,
@@ -70,6 +71,21 @@ def test_functional_residual_is_the_weight_residual_on_a_shared_stream():
     torch.testing.assert_close(gram, x.T @ x)
     damped, _ = functional_residual(x, x @ (w - approx).T)  # the ridge shrinks, never grows, the residual
     assert float(damped.norm()) < float((w - approx).norm())
+
+
+def test_functional_residual_with_a_shared_gram_matches_its_own():
+    """Layers that read one input (q/k/v, gate/up) share one damped Gram; the residual is unchanged."""
+    w, _ = planted()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    err = x @ (0.1 * w).T
+    own, gram = functional_residual(x, err)
+    torch.testing.assert_close(gram, damped_gram(x))
+    shared, same = functional_residual(x, err, gram=gram)
+    assert same is gram
+    torch.testing.assert_close(shared, own)
+    with pytest.raises(FactorlmError, match="Gram"):
+        functional_residual(x, err, gram=gram[:10, :10])
 
 
 def test_functional_closed_form_keeps_compensation_the_weight_residual_undoes():

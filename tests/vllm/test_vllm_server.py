@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(vllm_module, tmp_path_factory):
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx")
     path = write_mixed(tmp_path_factory.mktemp("vllm-serve") / "tiny-llama-factored", "llama")
     port = _free_port()
     log = (tmp_path_factory.getbasetemp() / "vllm-serve.log").open("w")

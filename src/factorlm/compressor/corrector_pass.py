@@ -213,15 +213,20 @@ class CorrectorHook:
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per linear: the residual its corrector should remove, and the Gram that weights it."""
         residuals, grams = {}, {}
+        shared: list[tuple[torch.Tensor, torch.Tensor]] = []  # (inputs, Gram): q/k/v and gate/up read one input
         for n in names:
             layer = ctx.block.get_submodule(n)
-            w = dense[n].weight.detach().double()
             if self.config.init == "functional":
                 with torch.no_grad():
                     error = (dense[n](teacher_rows[n].to(dense[n].weight.dtype)).double()
                              - layer(student_rows[n].to(layer.weight_u.dtype)).double())
-                residuals[n], grams[n] = functional_residual(student_rows[n], error)
+                x = student_rows[n]
+                gram = next((g for rows, g in shared if rows.shape == x.shape and torch.equal(rows, x)), None)
+                residuals[n], grams[n] = functional_residual(x, error, gram=gram)
+                if gram is None:
+                    shared.append((x, grams[n]))
             else:
+                w = dense[n].weight.detach().double()
                 residuals[n] = w - layer.weight_u.detach().double() @ layer.weight_v.detach().double()
                 gram = ctx.grams.get(n)
                 grams[n] = (gram if gram is not None else accumulate_gram(None, student_rows[n])).to(w.device)

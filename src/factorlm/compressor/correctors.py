@@ -24,7 +24,7 @@ from ..runtime.format import FactorlmError
 logger = logging.getLogger(__name__)
 
 __all__ = ["CorrectedLinear", "attach_corrector", "corrector_ranks", "distill", "eora_corrector", "fold_corrector",
-           "corrector_room", "functional_residual", "gram_eigh", "kl_distill", "kl_to_teacher", "lr_factor", "residual_energy", "train_layer"]
+           "corrector_room", "damped_gram", "functional_residual", "gram_eigh", "kl_distill", "kl_to_teacher", "lr_factor", "residual_energy", "train_layer"]
 
 
 def gram_eigh(gram: torch.Tensor, rel_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +53,15 @@ def eora_corrector(residual: torch.Tensor, gram: torch.Tensor, rank: int,
     return a.to(residual.dtype), b.to(residual.dtype)
 
 
-def functional_residual(inputs: torch.Tensor, output_error: torch.Tensor,
-                        damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def damped_gram(inputs: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """G = XᵀX + δI in float64, δ = ``damp`` x the mean diagonal (the ridge of :func:`functional_residual`)."""
+    x = inputs.reshape(-1, inputs.shape[-1]).double()
+    gram = x.T @ x
+    return gram + damp * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+def functional_residual(inputs: torch.Tensor, output_error: torch.Tensor, damp: float = 0.01,
+                        gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight-space residual R [out, in] that best explains a layer's output error, and its Gram.
 
     ``inputs`` X [N, in] are the layer's activations on the compressed (student) stream and
@@ -65,13 +72,16 @@ def functional_residual(inputs: torch.Tensor, output_error: torch.Tensor,
     streams see the same inputs and δ = 0, R is the plain weight residual W - UV (EoRA). When
     the factors were fitted to compensate upstream error (saes), W - UV is not what the output
     lost, and correcting it would undo the compensation; this residual is what it lost.
+    ``gram``: :func:`damped_gram` of these inputs, when layers that read the same input share it.
     """
     x = inputs.reshape(-1, inputs.shape[-1]).double()
     err = output_error.reshape(-1, output_error.shape[-1]).double()
     if x.shape[0] != err.shape[0]:
         raise FactorlmError(f"functional residual: {x.shape[0]} input rows but {err.shape[0]} output-error rows")
-    gram = x.T @ x
-    gram = gram + damp * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if gram is None:
+        gram = damped_gram(x, damp)
+    elif gram.shape != (x.shape[1], x.shape[1]):
+        raise FactorlmError(f"functional residual: Gram {tuple(gram.shape)} does not match {x.shape[1]} input features")
     return torch.linalg.solve(gram, x.T @ err).T, gram
 
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .factored_linear import CorrectedLinear, FactoredLinear
-from .format import FactoredConfig, FactorlmError, FormatError, read_config_json, read_factored_config, u_key, v_key
+from .format import FactoredConfig, FactorlmError, FormatError, read_config_json, read_factored_config
 
 logger = logging.getLogger(__name__)
 
