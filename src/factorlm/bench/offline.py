@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import site
 import statistics
 import time
 from collections.abc import Sequence
@@ -53,8 +54,12 @@ def prompt_windows(ids: Sequence[int], batch: int, length: int, stride: int = 7)
 
 
 def display_path(path: str | Path) -> str:
-    """A path for result files: the home folder written as ``~`` so results do not name a machine's user."""
+    """A path for result files that names no machine: an installed package's file as
+    ``<site-packages>/...`` (e.g. the sample GGUF), the home folder as ``~``."""
     text, home = str(path), str(Path.home())
+    for root in sorted({*site.getsitepackages(), site.getusersitepackages()}, key=len, reverse=True):
+        if text.startswith(root + os.sep):
+            return "<site-packages>" + text[len(root):]
     return "~" + text[len(home):] if text == home or text.startswith(home + os.sep) else text
 
 
@@ -94,6 +99,8 @@ def _load_runner(spec_name: str, variant: str, path: Path, config: BenchConfig) 
     t0 = time.perf_counter()
     runner = spec.load(path, variant, config)
     info = {"path": display_path(path), "load_s": round(time.perf_counter() - t0, 3)}
+    if getattr(runner, "backend", None):
+        info["backend"] = runner.backend  # e.g. which llama.cpp binding ran the GGUF
     after = rss_bytes()
     if before is not None and after is not None:
         info["rss_load_bytes"] = after - before
