@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .llamacpp_c import GgufPeer
 from .runner import BenchConfig, EngineSpec, EngineUnavailable, RunTiming, as_prompt_lists, register_engine
 
 log = logging.getLogger(__name__)
@@ -257,13 +258,8 @@ def load_vllm(model_dir: Path, variant: str, config: BenchConfig) -> VllmRunner:
     return VllmRunner(model_dir, config)
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(GgufPeer):
     """llama.cpp through llama-cpp-python on a GGUF file; one sequence at a time (CPU only: see load_llamacpp)."""
-
-    element_bytes = 1  # unused: the GGUF's size is what a step reads
-    kv_element_bytes = 2  # llama.cpp keeps the KV cache in f16 by default
-    max_batch = 1
-    memory_kind = "rss"
 
     def __init__(self, gguf: Path, config: BenchConfig) -> None:
         try:

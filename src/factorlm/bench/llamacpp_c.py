@@ -91,13 +91,18 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-class LlamaCppCRunner:
-    """A GGUF model in llama.cpp (CPU), batch 1, greedy, through the C API."""
+class GgufPeer:
+    """What the harness reads of a llama.cpp runner, whichever binding drives it."""
 
     element_bytes = 1  # unused: the GGUF's size is what a step reads
     kv_element_bytes = 2  # llama.cpp keeps the KV cache in f16 by default
     max_batch = 1
     memory_kind = "rss"
+    file_weight_bytes: int  # the GGUF's size: a decode step reads the whole file once
+
+
+class LlamaCppCRunner(GgufPeer):
+    """A GGUF model in llama.cpp (CPU), batch 1, greedy, through the C API."""
 
     def __init__(self, gguf: Path, config: BenchConfig) -> None:
         path = find_module()
