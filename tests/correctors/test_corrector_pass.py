@@ -211,3 +211,17 @@ def test_corrector_ranks_never_push_a_layer_past_dense():
     for m in model.modules():
         if isinstance(m, FactoredLinear):
             assert m.rank * (m.in_features + m.out_features) < m.in_features * m.out_features
+
+
+def test_loss_curve_draws_only_the_stages_that_ran():
+    import io
+
+    from PIL import Image
+
+    block = [{"stage": "block", "block": b, "step": i, "loss": 1.0 / (i + 1)} for b in range(2) for i in range(5)]
+    distill = [{"stage": "distill", "step": i, "loss": 2.0 - 0.1 * i} for i in range(5)]
+    assert loss_curve_png([]) is None
+    one = Image.open(io.BytesIO(loss_curve_png(block)))
+    two = Image.open(io.BytesIO(loss_curve_png(block + distill)))
+    only_distill = Image.open(io.BytesIO(loss_curve_png(distill)))
+    assert two.width > 1.8 * one.width and abs(only_distill.width - one.width) <= 2

@@ -30,20 +30,30 @@ def _pyplot() -> Any:
 
 
 def loss_curve_png(history: list[dict[str, Any]]) -> bytes | None:
-    """The block-training losses (one line per block, start to end) and the distillation curve, as PNG bytes."""
-    if not history:
+    """The block-training losses (one line per block) and the distillation curve, as PNG bytes.
+
+    Only the stages that ran get a panel, so a run without end-to-end distillation shows no empty axes.
+    """
+    block = [h for h in history if h["stage"] == "block"]
+    distill = [h["loss"] for h in history if h["stage"] == "distill"]
+    if not block and not distill:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    blocks = sorted({h["block"] for h in history if h["stage"] == "block"})
-    for b in blocks:
-        ys = [h["loss"] for h in history if h["stage"] == "block" and h["block"] == b]
-        axes[0].plot(ys, color=plt.cm.viridis(b / max(len(blocks) - 1, 1)), lw=0.8)
-    axes[0].set(title="block training (colour: block index)", xlabel="step", ylabel="relative MSE", yscale="log")
-    ys = [h["loss"] for h in history if h["stage"] == "distill"]
-    if ys:
-        axes[1].plot(ys)
-    axes[1].set(title="end-to-end distillation", xlabel="step", ylabel="KL(dense || compressed)")
+    panels = int(bool(block)) + int(bool(distill))
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    if block:
+        ax = axes.pop(0)
+        blocks = sorted({h["block"] for h in block})
+        for b in blocks:
+            ys = [h["loss"] for h in block if h["block"] == b]
+            ax.plot(ys, color=plt.cm.viridis(b / max(len(blocks) - 1, 1)), lw=0.8)
+        ax.set(title=f"block training, {len(blocks)} blocks (colour: block index)", xlabel="step",
+               ylabel="relative MSE", yscale="log")
+    if distill:
+        ax = axes.pop(0)
+        ax.plot(distill, lw=0.8)
+        ax.set(title="end-to-end distillation", xlabel="step", ylabel="KL(dense || compressed)")
     return _png(fig)
 
 
