@@ -103,7 +103,18 @@ def grid_correctors(keeps: list[float]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def grid_finetune(keeps: list[float]) -> list[tuple[str, list[str]]]:
+    """Distillation data at 26.93%: 120 steps cycling over 64 windows (the correctors grid's setting,
+    ~1.9 passes) against 120 distinct windows (every step sees new text), same steps and learning rate."""
+    del keeps
+    base = ["--method", "saes", "--allocation", "mgaa", "--reduction", str(CALR_REDUCTIONS[0])]
+    fresh = ["--steps", str(FINETUNE_STEPS), "--samples", str(FINETUNE_STEPS), "--seq-len", "512", "--lr", "2e-4"]
+    name = f"saes-mgaa-r{CALR_REDUCTIONS[0]}{FINETUNE_SUFFIX}{FINETUNE_STEPS}"
+    return [(name, base + [FINETUNE, *FINETUNE_ARGS]), (f"{name}-distinct", base + [FINETUNE, *fresh])]
+
+
 GRIDS = {"methods": grid_methods, "allocation": grid_allocation, "correctors": grid_correctors,
+         "finetune": grid_finetune,
          "none": lambda keeps: []}
 
 
