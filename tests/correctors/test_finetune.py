@@ -103,3 +103,12 @@ def test_cli_runs_end_to_end(pair, tmp_path, capsys):
                  "--steps", "3", "--samples", "2", "--seq-len", "24", "--held-out", "1", "--no-progress"]) == 0
     assert "held-out KL to the dense model" in capsys.readouterr().out
     assert load_factored(tmp_path / "out")(torch.tensor([[3, 4, 5]])).logits.isfinite().all()
+
+
+def test_default_draws_one_distinct_training_window_per_step():
+    ids = torch.arange(5000)
+    cfg = FinetuneConfig(steps=30, seq_len=16, held_out=2)
+    assert cfg.samples == 30
+    train, _ = split_windows(ids, cfg, "t")
+    assert train.shape == (30, 16) and len({int(r[0]) for r in train}) == 30
+    assert FinetuneConfig(steps=30, samples=8).samples == 8

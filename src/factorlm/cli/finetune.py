@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the last 10%% of its tokens are held out to measure the gain")
     p.add_argument("--steps", type=int, default=100, help="optimiser steps, one window each (default 100)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (Adam, warm-up then cosine; default 1e-4)")
-    p.add_argument("--samples", type=int, default=64, help="training windows, cycled over (default 64)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="training windows, cycled over when fewer than the steps (default: one per step)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--held-out", type=int, default=4, help="held-out windows for the before/after KL (default 4)")
     p.add_argument("--train", choices=("all", "correctors"), default="all",

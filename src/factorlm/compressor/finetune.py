@@ -40,13 +40,15 @@ class FinetuneConfig:
 
     ``train``: ``"all"`` trains every factor and corrector, ``"correctors"`` only the
     correctors (A, B) of a checkpoint saved with ``--corrector-save separate``.
-    ``warmup`` of ``None`` means 10% of the steps.
+    ``warmup`` of ``None`` means 10% of the steps. ``samples`` of ``None`` draws one training window
+    per step, so no window is seen twice: on the sample model, 120 steps over 120 distinct windows
+    reached a lower held-out KL and WikiText-2 perplexity than 120 steps cycling over 64 (same time).
     """
 
     steps: int = 100
     lr: float = 1e-4
     warmup: int | None = None
-    samples: int = 64
+    samples: int | None = None
     seq_len: int = 512
     held_out: int = 4
     clip: float = 1.0
@@ -54,6 +56,8 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.samples is None:
+            self.samples = self.steps
         if self.steps < 1 or self.samples < 1 or self.held_out < 1 or self.seq_len < 2:
             raise FactorlmError("finetune needs steps, samples and held-out windows >= 1 and seq_len >= 2")
         if self.lr <= 0:
