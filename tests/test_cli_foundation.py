@@ -66,3 +66,15 @@ def test_unsupported_architecture_lists_supported(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unsupported architecture 'gpt2'" in err and "llama" in err and "qwen3" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_python_dash_m_runs_the_same_cli():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "factorlm", "finetune", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--samples" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "factorlm", "no-such-command"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "no-such-command" in proc.stderr
