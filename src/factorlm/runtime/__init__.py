@@ -1,25 +1,32 @@
-"""The PyTorch runtime: FactoredLinear, the checkpoint format, loading, generation."""
+"""The PyTorch runtime: FactoredLinear, the checkpoint format, loading, generation.
 
-from .arch import ArchSpec, compressible_linears, get_arch, register_arch, supported_model_types
-from .checkpoint import factorize_model, load_factored, load_model, load_tokenizer, save_factored
-from .factored_linear import FactoredLinear
-from .format import FORMAT_VERSION, FactoredConfig, FactorlmError, FormatError, read_factored_config
+Names are imported on first use, so ``factorlm.runtime.format`` (standard library only)
+can be read without importing torch: ``factorlm --help`` and the vLLM plugin stay fast.
+"""
 
-__all__ = [
-    "ArchSpec",
-    "FORMAT_VERSION",
-    "FactoredConfig",
-    "FactoredLinear",
-    "FactorlmError",
-    "FormatError",
-    "compressible_linears",
-    "factorize_model",
-    "get_arch",
-    "load_factored",
-    "load_model",
-    "load_tokenizer",
-    "read_factored_config",
-    "register_arch",
-    "save_factored",
-    "supported_model_types",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ArchSpec": "arch", "compressible_linears": "arch", "get_arch": "arch", "register_arch": "arch",
+    "supported_model_types": "arch",
+    "factorize_model": "checkpoint", "load_factored": "checkpoint", "load_model": "checkpoint",
+    "load_tokenizer": "checkpoint", "save_factored": "checkpoint",
+    "FactoredLinear": "factored_linear",
+    "FORMAT_VERSION": "format", "FactoredConfig": "format", "FactorlmError": "format", "FormatError": "format",
+    "read_factored_config": "format",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,9 +1,10 @@
 """Saving and loading factored checkpoints (HF folder + safetensors, never pickle).
 
 Loading builds the model skeleton with parameters on the meta device, swaps in
-``FactoredLinear`` modules of the recorded ranks, validates every tensor against the
-expected names and shapes, and assigns the tensors read from safetensors directly, so no
-second copy of the weights is ever made.
+``FactoredLinear`` modules of the recorded ranks, checks every tensor header against the
+expected names, shapes and dtypes before any data is read (:mod:`.verify`, shared with the
+transformers quantizer and ``factorlm inspect --verify``), and assigns the tensors read
+from safetensors directly, so no second copy of the weights is ever made.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .factored_linear import CorrectedLinear, FactoredLinear
 from .format import FactoredConfig, FactorlmError, FormatError, read_config_json, read_factored_config
+from .verify import checkpoint_problems, raise_on_problems, rank_problem, read_headers
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +47,12 @@ def replace_with_factored(model: nn.Module, ranks: dict[str, int], device: torch
     """
     corrector_ranks = corrector_ranks or {}
     for fqn, rank in ranks.items():
-        try:
-            module = model.get_submodule(fqn)
-        except AttributeError:
-            raise FormatError(f"module {fqn!r} listed in 'ranks' does not exist in {type(model).__name__}") from None
+        problem = rank_problem(model, fqn, rank)
+        if problem:
+            raise FormatError(problem)
+        module = model.get_submodule(fqn)
         if isinstance(module, FactoredLinear):
             continue
-        if not isinstance(module, nn.Linear):
-            raise FormatError(f"module {fqn!r} is a {type(module).__name__}, not a Linear; it cannot be factored")
-        limit = min(module.in_features, module.out_features)
-        if rank > limit:
-            raise FormatError(f"module {fqn!r}: rank {rank} exceeds min(in, out) = {limit}")
         kw = {"bias": module.bias is not None, "device": device, "dtype": module.weight.dtype}
         if fqn in corrector_ranks:
             new: FactoredLinear = CorrectedLinear(module.in_features, module.out_features, rank, corrector_ranks[fqn], **kw)
@@ -227,10 +224,13 @@ def read_tensors(model_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-                origin[key] = path
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+                    origin[key] = path
+        except (SafetensorError, OSError) as exc:  # checked headers first; this is a file changed underneath
+            raise FormatError(f"{path}: cannot read safetensors file: {exc}") from None
     return tensors, origin
 
 
@@ -245,40 +245,15 @@ def _build_skeleton(model_dir: Path, dtype: torch.dtype | None) -> nn.Module:
     return model
 
 
-def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, Path], where: Path) -> None:
-    """Every parameter must be present with the right shape; tied weights may be absent."""
-    tied = _tied_parameter_names(model)
-    expected = dict(model.state_dict(keep_vars=True))
-    for key, param in expected.items():
-        if key not in tensors:
-            if key in tied:
-                continue
-            module = key.rsplit(".", 1)[0]
-            raise FormatError(f"{where}: missing tensor {key!r} for module {module!r}")
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise FormatError(
-                f"{origin[key]}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                f"module expects {tuple(param.shape)}"
-            )
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        logger.warning("%s: ignoring %d unexpected tensors, e.g. %s", where, len(unexpected), unexpected[:3])
-
-
-def _tied_parameter_names(model: nn.Module) -> set[str]:
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    return {"lm_head.weight"}
-
-
 def load_factored(
     model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
     fast_layout: bool = True, correctors: str = "fold",
 ) -> nn.Module:
     """Load a factored checkpoint as a transformers model with ``FactoredLinear`` layers.
 
-    Errors name the file and module: unknown format_version, missing tensor, wrong shape,
-    a rank larger than the layer allows, an architecture the table does not cover.
+    Errors name the file and module: unknown format_version, missing tensor, a factor of a
+    module ``ranks`` does not list, wrong shape or dtype, a truncated or corrupt file, a rank
+    larger than the layer allows, an architecture the table does not cover.
     ``fast_layout`` stores block weights column-major for faster CPU decoding (see layout.py).
     A checkpoint with separate correctors is folded on load (``correctors="fold"``, exact) or
     kept as ``CorrectedLinear`` layers for further training (``correctors="keep"``).
@@ -292,9 +267,9 @@ def load_factored(
     if block is None:
         raise FormatError(f"{root / 'config.json'}: no factorlm quantization_config; use load_model() for dense folders")
     model = _build_skeleton(root, dtype)
+    raise_on_problems(checkpoint_problems(model, read_headers(safetensors_files(root)), block, root), root)
     replace_with_factored(model, block.ranks, device="meta", corrector_ranks=block.corrector_ranks)
-    tensors, origin = read_tensors(root)
-    check_tensors(model, tensors, origin, root)
+    tensors, _ = read_tensors(root)
     _assign(model, tensors, dtype, device)
     _load_generation_config(model, root)
     if correctors == "fold":
@@ -357,7 +332,7 @@ def load_model(
     from .arch import get_arch
 
     get_arch(AutoConfig.from_pretrained(root))
-    safetensors_files(root)
+    read_headers(safetensors_files(root))  # a truncated or corrupt file is named before transformers reads it
     model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype or torch.float32, use_safetensors=True)
     return _maybe_fast_layout(model.to(device).eval(), fast_layout)
 

@@ -1,29 +1,88 @@
 """Teach transformers to load factored checkpoints: ``AutoModelForCausalLM.from_pretrained(dir)``.
 
-``import factorlm`` calls :func:`register_with_transformers`, which adds a quantization
-config class and an ``HfQuantizer`` under the name ``factorlm``. Before weights load, the
-quantizer swaps the listed linears for ``FactoredLinear`` of the recorded ranks, so the
-checkpoint's ``weight_u``/``weight_v`` tensors land in place. No trust_remote_code needed.
-Separate correctors load as ``CorrectedLinear`` layers (trainable; exact outputs).
+``import factorlm`` calls :func:`install`: it registers a quantization config class and an
+``HfQuantizer`` under the name ``factorlm`` at once when transformers' quantizer registry
+is already imported, and otherwise the moment it is (an import hook), so ``import
+factorlm`` itself stays light (no torch, no transformers) and the CLI starts fast. Before
+weights load, the quantizer checks every tensor header against the config with the same
+function as ``load_factored`` (:mod:`.verify`: same checks, same messages), then swaps the
+listed linears for ``FactoredLinear`` of the recorded ranks, so the checkpoint's
+``weight_u``/``weight_v`` tensors land in place. No trust_remote_code needed. Separate
+correctors load as ``CorrectedLinear`` layers (trainable; exact outputs).
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import logging
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from .format import QUANT_METHOD, FactoredConfig, FormatError
+from .format import QUANT_METHOD, FactoredConfig
 
 logger = logging.getLogger(__name__)
 _REGISTERED = False
+REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
-def register_with_transformers() -> None:
-    """Register the config class and quantizer once per process (idempotent)."""
+def install() -> None:
+    """Register with transformers now if its quantizer registry is loaded, else when it loads."""
+    module = sys.modules.get(REGISTRY_MODULE)
+    if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+        safe_register(module)
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the loader of transformers' quantizer registry to register after it runs."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != REGISTRY_MODULE or _REGISTERED:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """Runs the real loader, then registers the factorlm quantizer in the fresh module."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def create_module(self, spec: Any) -> Any:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.inner.exec_module(module)
+        safe_register(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...: the real loader's
+        return getattr(self.inner, name)
+
+
+def register_with_transformers(qauto: ModuleType | None = None) -> None:
+    """Register the config class and quantizer once per process (idempotent).
+
+    ``qauto`` is ``transformers.quantizers.auto`` when the import hook calls this from inside
+    that module's import.
+    """
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers.quantizers import auto as qauto
+    if qauto is None:
+        from transformers.quantizers import auto as qauto
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -57,11 +116,16 @@ def register_with_transformers() -> None:
 
         requires_calibration = True
 
-        def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
+        def _process_model_before_weight_loading(self, model: Any, checkpoint_files: Any = None,
+                                                 **kwargs: Any) -> None:
             from .checkpoint import replace_with_factored
 
-            corrector_ranks = getattr(self.quantization_config, "corrector_ranks", None) or {}
-            replace_with_factored(model, self.quantization_config.ranks, device="meta", corrector_ranks=corrector_ranks)
+            block = FactoredConfig.from_dict(self.quantization_config.to_dict(), source="config.json")
+            if checkpoint_files:
+                check_before_loading(model, block, [Path(f) for f in checkpoint_files])
+            else:
+                logger.warning("transformers gave no checkpoint files; factorlm cannot check the tensors before loading")
+            replace_with_factored(model, block.ranks, device="meta", corrector_ranks=block.corrector_ranks)
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             return model
@@ -82,11 +146,19 @@ def register_with_transformers() -> None:
     logger.debug("registered the factorlm quantizer with transformers")
 
 
-def safe_register() -> None:
-    """Register unless transformers is absent or incompatible; never break ``import factorlm``."""
+def check_before_loading(model: Any, block: FactoredConfig, files: list[Path]) -> None:
+    """What ``load_factored`` checks, on transformers' skeleton (dense still) and files: same messages."""
+    from .verify import checkpoint_problems, raise_on_problems, read_headers
+
+    root = files[0].parent
+    raise_on_problems(checkpoint_problems(model, read_headers(files), block, root), root)
+
+
+def safe_register(qauto: ModuleType | None = None) -> None:
+    """Register unless transformers is absent or incompatible; never break ``import factorlm`` or transformers."""
     try:
-        register_with_transformers()
+        register_with_transformers(qauto)
     except ImportError:
         logger.debug("transformers not importable; factored checkpoints load only through load_factored()")
-    except (AttributeError, TypeError, FormatError) as exc:  # an incompatible transformers version
+    except Exception as exc:  # an incompatible transformers version must not break its own import
         logger.warning("could not register the factorlm quantizer with transformers: %s", exc)

@@ -1,0 +1,378 @@
+"""Strict checks of a checkpoint's safetensors headers against its config and model skeleton.
+
+Every reader runs the same checks before a byte of tensor data is read: ``load_factored``
+and ``load_model``, the transformers quantizer (``AutoModelForCausalLM.from_pretrained``)
+and ``factorlm inspect --verify``. So a missing tensor, a factor of a module that
+``ranks`` does not list, a wrong shape or dtype, or a truncated file is refused with the
+same message everywhere, naming the file and the module.
+
+What a file must hold follows from the format (:mod:`.format`): every parameter and
+persistent buffer of the dense skeleton, except that each module in ``ranks`` stores
+``weight_u`` [out, r] and ``weight_v`` [r, in] (and, with separate correctors,
+``corrector_a`` [c, in] and ``corrector_b`` [out, c]) instead of ``weight``. Tied weights
+(``lm_head`` tied to the embeddings) may be absent. Only headers are read: a 70B
+checkpoint verifies in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .format import (
+    CORRECTOR_A_SUFFIX,
+    CORRECTOR_B_SUFFIX,
+    U_SUFFIX,
+    V_SUFFIX,
+    FactoredConfig,
+    FormatError,
+    corrector_a_key,
+    corrector_b_key,
+    u_key,
+    v_key,
+)
+
+FACTOR_SUFFIXES = (U_SUFFIX, V_SUFFIX, CORRECTOR_A_SUFFIX, CORRECTOR_B_SUFFIX)
+CORRECTOR_SUFFIXES = (CORRECTOR_A_SUFFIX, CORRECTOR_B_SUFFIX)
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+# safetensors dtype code -> (torch dtype name, bytes per element or None when sub-byte/packed)
+SAFETENSORS_DTYPES: dict[str, tuple[str, int | None]] = {
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "U16": ("uint16", 2), "I16": ("int16", 2),
+    "U32": ("uint32", 4), "I32": ("int32", 4), "U64": ("uint64", 8), "I64": ("int64", 8),
+    "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "F8_E8M0": ("float8_e8m0fnu", 1),
+    "F4": ("float4_e2m1fn_x2", None), "F6_E2M3": ("float6_e2m3", None), "F6_E3M2": ("float6_e3m2", None),
+    "C64": ("complex64", 8),
+}
+FLOAT_CODES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """What a safetensors header says about one tensor, and which file holds it."""
+
+    name: str
+    code: str  # safetensors dtype code, e.g. "F32"
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def dtype(self) -> str:
+        """The torch dtype name (``float32``, ``bfloat16``, ...)."""
+        return SAFETENSORS_DTYPES[self.code][0]
+
+    @property
+    def is_floating(self) -> bool:
+        return self.code in FLOAT_CODES
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A tensor the checkpoint must hold: its shape, whether it is floating point, whether it is a factor."""
+
+    shape: tuple[int, ...]
+    floating: bool
+    factor: bool = False
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorHeader]:
+    """Parse one safetensors header and check that the file holds every byte it promises.
+
+    A truncated, empty or corrupt file is a :class:`FormatError` that names the file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise FormatError(f"{path}: not a safetensors file ({size} bytes; truncated or empty)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise FormatError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, "
+                                  f"file of {size} bytes)")
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: safetensors file not found") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read safetensors file: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: corrupt safetensors header (not valid JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    tensors = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
+    _check_data_span(path, header, size - 8 - n)
+    return tensors
+
+
+def _parse_entry(path: Path, name: str, entry: Any) -> TensorHeader:
+    try:
+        code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
+            raise ValueError("bad shape or offsets")
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {entry!r}") from None
+    if code not in SAFETENSORS_DTYPES:
+        raise FormatError(f"{path}: tensor {name!r} has unknown safetensors dtype {code!r}")
+    itemsize = SAFETENSORS_DTYPES[code][1]
+    numel = 1
+    for d in shape:
+        numel *= d
+    if itemsize is not None and numel * itemsize != end - begin:
+        raise FormatError(f"{path}: corrupt safetensors header: tensor {name!r} of shape {shape} and dtype "
+                          f"{code} needs {numel * itemsize} bytes, its offsets span {end - begin}")
+    return TensorHeader(name, code, shape, path)
+
+
+def _check_data_span(path: Path, header: dict[str, Any], data_bytes: int) -> None:
+    spans = sorted(tuple(e["data_offsets"]) for e in header.values())
+    needed = spans[-1][1] if spans else 0
+    if needed > data_bytes:
+        raise FormatError(f"{path}: truncated safetensors file: its header promises {needed} bytes of tensor "
+                          f"data, the file holds {data_bytes}")
+    position = 0
+    for begin, end in spans:
+        if begin != position:
+            raise FormatError(f"{path}: corrupt safetensors header: tensor data overlaps or has a gap at byte {begin}")
+        position = end
+    if position != data_bytes:
+        raise FormatError(f"{path}: corrupt safetensors file: {data_bytes - position} bytes after the last tensor")
+
+
+def read_headers(files: Iterable[str | os.PathLike]) -> dict[str, TensorHeader]:
+    """Headers of every file of a checkpoint; a tensor stored in two files is an error."""
+    headers: dict[str, TensorHeader] = {}
+    for file in files:
+        for name, info in read_header(file).items():
+            if name in headers:
+                raise FormatError(f"{info.file}: tensor {name!r} is also stored in {headers[name].file}")
+            headers[name] = info
+    return headers
+
+
+def index_problems(root: Path, headers: dict[str, TensorHeader]) -> list[str]:
+    """A sharded folder's index must name the file each tensor is in, and every tensor."""
+    index = root / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return [f"{index}: malformed safetensors index: {exc}"]
+    problems = []
+    for name, shard in sorted(weight_map.items()):
+        info = headers.get(name)
+        if info is None:
+            problems.append(f"{index}: lists tensor {name!r} in {shard}, which does not hold it")
+        elif info.file.name != shard:
+            problems.append(f"{index}: lists tensor {name!r} in {shard}, but it is stored in {info.file.name}")
+    problems += [f"{headers[n].file}: tensor {n!r} is not listed in {index.name}"
+                 for n in sorted(set(headers) - set(weight_map))]
+    return problems
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+def rank_problem(model: Any, fqn: str, rank: int) -> str | None:
+    """Why module ``fqn`` of ``model`` cannot hold factors of ``rank`` (None when it can)."""
+    from torch import nn
+
+    from .factored_linear import FactoredLinear
+
+    try:
+        module = model.get_submodule(fqn)
+    except AttributeError:
+        return f"module {fqn!r} listed in 'ranks' does not exist in {type(model).__name__}"
+    if isinstance(module, FactoredLinear):
+        return None
+    if not isinstance(module, nn.Linear):
+        return f"module {fqn!r} is a {type(module).__name__}, not a Linear; it cannot be factored"
+    limit = min(module.in_features, module.out_features)
+    if rank > limit:
+        return f"module {fqn!r}: rank {rank} exceeds min(in, out) = {limit}"
+    return None
+
+
+def tied_names(model: Any) -> dict[str, str]:
+    """Parameters that share another's storage and so may be absent from a file (name -> source)."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied.setdefault("lm_head.weight", "model.embed_tokens.weight")
+    return tied
+
+
+def expected_tensors(model: Any, block: FactoredConfig, where: str) -> tuple[dict[str, Expected], list[str], set[str]]:
+    """The tensors a checkpoint of ``model`` (a dense skeleton) with ``block`` must hold.
+
+    Returns (expected, problems with the block itself, modules whose block entry is wrong).
+    """
+    from torch import nn
+
+    expected = {k: Expected(tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict(keep_vars=True).items()}
+    problems: list[str] = []
+    bad: set[str] = set()
+    tied = tied_names(model)
+    for fqn, rank in block.ranks.items():
+        problem = rank_problem(model, fqn, rank)
+        if problem is None and f"{fqn}.weight" in tied:
+            problem = (f"module {fqn!r} is listed in 'ranks' but its weight is tied to "
+                       f"{tied[f'{fqn}.weight']!r}; a tied weight cannot be factored")
+        if problem:
+            problems.append(f"{where}: {problem}")
+            bad.add(fqn)
+            continue
+        module = model.get_submodule(fqn)
+        out_f, in_f = module.out_features, module.in_features
+        expected.pop(f"{fqn}.weight", None)
+        expected[u_key(fqn)] = Expected((out_f, rank), True, factor=True)
+        expected[v_key(fqn)] = Expected((rank, in_f), True, factor=True)
+        if fqn in block.corrector_ranks:
+            c = block.corrector_ranks[fqn]
+            expected[corrector_a_key(fqn)] = Expected((c, in_f), True, factor=True)
+            expected[corrector_b_key(fqn)] = Expected((out_f, c), True, factor=True)
+    for fqn in block.dense:
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            problems.append(f"{where}: module {fqn!r} listed in 'dense' does not exist in {type(model).__name__}")
+            continue
+        if not isinstance(module, nn.Linear):
+            problems.append(f"{where}: module {fqn!r} listed in 'dense' is a {type(module).__name__}, not a Linear")
+    return expected, problems, bad
+
+
+def checkpoint_problems(model: Any, headers: dict[str, TensorHeader], block: FactoredConfig | None,
+                        where: str | os.PathLike) -> list[str]:
+    """Every way the tensors in ``headers`` contradict ``block`` and the dense skeleton ``model``.
+
+    ``where`` (the checkpoint folder) prefixes problems that are not about one file; the
+    others name the file. An empty list means the checkpoint is consistent.
+    """
+    where = str(where)
+    block = block or FactoredConfig(ranks={})
+    config_json = str(Path(where) / "config.json")
+    expected, problems, bad = expected_tensors(model, block, config_json)
+    tied = tied_names(model)
+    stored_dense = [m for m in block.ranks if m not in bad and f"{m}.weight" in headers
+                    and u_key(m) not in headers and v_key(m) not in headers]
+    problems += [f"{where}: module {m!r} is listed in 'ranks' but the checkpoint stores it dense ({m}.weight), "
+                 f"not as factors" for m in stored_dense]
+    bad |= set(stored_dense)
+    stray: dict[str, list[str]] = {}  # module -> factor tensors of modules 'ranks' does not list
+    for name in sorted(set(headers) - set(expected)):
+        module, _, suffix = name.rpartition(".")
+        if module in bad:
+            continue
+        if suffix in FACTOR_SUFFIXES and module not in block.ranks:
+            stray.setdefault(module, []).append(name)
+        elif suffix == "weight" and module in block.ranks:
+            problems.append(f"{headers[name].file}: tensor {name!r} is the dense weight of module {module!r}, which "
+                            f"'ranks' in config.json lists as factored")
+        elif suffix in CORRECTOR_SUFFIXES:
+            problems.append(f"{headers[name].file}: tensor {name!r} is a corrector of module {module!r}, which "
+                            f"'corrector_ranks' in config.json does not list")
+        else:
+            problems.append(f"{headers[name].file}: unexpected tensor {name!r} (no such parameter in "
+                            f"{type(model).__name__})")
+    for module, names in stray.items():
+        problems.insert(0, f"{headers[names[0]].file}: tensor {names[0]!r} is a factor of module {module!r}, "
+                           f"which 'ranks' in config.json does not list")
+    reported: set[str] = set(stray) | bad
+    for name, exp in expected.items():
+        module = name.rpartition(".")[0]
+        if module in reported:
+            continue
+        info = headers.get(name)
+        if info is None:
+            if name not in tied:
+                problems.append(f"{where}: missing tensor {name!r} for module {module!r}")
+            continue
+        problems += _tensor_problems(info, exp, block)
+    return problems
+
+
+def _tensor_problems(info: TensorHeader, exp: Expected, block: FactoredConfig) -> list[str]:
+    if info.shape != exp.shape:
+        return [f"{info.file}: tensor {info.name!r} has shape {info.shape}, module expects {exp.shape}"]
+    if exp.floating and not info.is_floating:
+        return [f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, expected a floating-point dtype"]
+    if exp.factor and info.dtype != block.factor_dtype:
+        return [f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, but config.json says "
+                f"factor_dtype {block.factor_dtype!r}"]
+    return []
+
+
+def raise_on_problems(problems: Sequence[str], where: str | os.PathLike) -> None:
+    """Raise the first problem as a :class:`FormatError`, saying how many more there are."""
+    if not problems:
+        return
+    more = len(problems) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''}; 'factorlm inspect --verify {where}' lists them)"
+    raise FormatError(problems[0] + (suffix if more else ""))
+
+
+# --------------------------------------------------------------------------- whole folder
+
+
+def meta_skeleton(root: Path) -> Any:
+    """The dense model of ``root``'s config.json with every tensor on the meta device (nothing allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(root)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def verify_folder(root: str | os.PathLike, files: Sequence[Path]) -> tuple[list[str], dict[str, Any]]:
+    """All problems of the checkpoint in ``root`` (dense or factored) and a summary of what was read.
+
+    ``files`` are its safetensors files (``checkpoint.safetensors_files``). Each file's
+    problems are collected; nothing stops at the first.
+    """
+    from .format import read_factored_config
+
+    root = Path(root)
+    problems: list[str] = []
+    headers: dict[str, TensorHeader] = {}
+    for file in files:
+        try:
+            for name, info in read_header(file).items():
+                if name in headers:
+                    problems.append(f"{info.file}: tensor {name!r} is also stored in {headers[name].file}")
+                headers.setdefault(name, info)
+        except FormatError as exc:
+            problems.append(str(exc))
+    unreadable = len(problems)
+    problems += index_problems(root, headers)
+    try:
+        block = read_factored_config(root)
+        model = meta_skeleton(root)
+    except FormatError as exc:
+        return problems + [str(exc)], {}
+    except (ValueError, KeyError, OSError) as exc:
+        return problems + [f"{root / 'config.json'}: cannot build the model it describes: {exc}"], {}
+    if unreadable:  # its tensors would all read as missing: the unreadable file is the problem to fix
+        problems.append(f"{root}: tensors not checked against config.json until every file reads")
+    else:
+        problems += checkpoint_problems(model, headers, block, root)
+    summary = {"files": len(files), "tensors": len(headers), "factored": len(block.ranks) if block else 0,
+               "dense_listed": len(block.dense) if block else 0,
+               "correctors": len(block.corrector_ranks) if block else 0,
+               "architecture": type(model).__name__}
+    return problems, summary
