@@ -43,8 +43,11 @@ def test_missing_model_path(tmp_path, capsys):
 
 
 def test_bad_keep(dense, tmp_path, capsys):
-    assert main(["compress", str(dense), "-o", str(tmp_path / "o"), "--keep", "1.5"]) == 2
-    assert "--keep must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(dense), "-o", str(tmp_path / "o"), "--keep", "1.5"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "factorlm: error: argument --keep: must be in (0, 1], got '1.5' (see 'factorlm compress --help')\n"
     assert not (tmp_path / "o").exists()
 
 

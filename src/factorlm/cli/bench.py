@@ -4,10 +4,11 @@ on a dense and a factored folder in one run (see ``factorlm.bench.offline``)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shlex
 from pathlib import Path
+
+from .common import check_output, device_type, float_in, non_negative_int, positive_int
 
 _COLUMNS = ["max_concurrency", "completed", "failed", "request_throughput", "output_throughput",
             "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_itl_ms", "median_e2el_ms"]
@@ -20,22 +21,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
     s.add_argument("--model", required=True, help="model name the server expects")
     s.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
-    s.add_argument("--num-prompts", type=int, default=8)
-    s.add_argument("--max-tokens", type=int, default=32)
-    s.add_argument("--concurrency", type=int, nargs="+", default=[1])
-    s.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
+    s.add_argument("--num-prompts", type=positive_int, default=8)
+    s.add_argument("--max-tokens", type=positive_int, default=32)
+    s.add_argument("--concurrency", type=positive_int, nargs="+", default=[1])
+    s.add_argument("--request-rate", type=float_in(0, float("inf"), low_open=True), default=float("inf"), help="Poisson arrivals per second")
     s.set_defaults(func=run_serving)
     o = sub.add_parser("offline", help="decode/prefill speed, bytes, memory: dense vs factored, per engine")
     o.add_argument("dense", help="dense model folder (or 'sample')")
     o.add_argument("factored", help="factored checkpoint folder")
     o.add_argument("--engines", default="torch", help="comma list: torch,onnx,vllm,llamacpp")
     o.add_argument("--batch", default="1,4", help="comma list of batch sizes")
-    o.add_argument("--prompt-tokens", type=int, default=32)
-    o.add_argument("--new-tokens", type=int, default=32)
-    o.add_argument("--repeats", type=int, default=3)
-    o.add_argument("--threads", type=int, default=1, help="torch threads and ONNX Runtime intra-op threads")
-    o.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    o.add_argument("--bandwidth-mib", type=int, default=256, help="memory-bandwidth probe size (0: skip)")
+    o.add_argument("--prompt-tokens", type=positive_int, default=32)
+    o.add_argument("--new-tokens", type=positive_int, default=32)
+    o.add_argument("--repeats", type=positive_int, default=3)
+    o.add_argument("--threads", type=positive_int, default=1, help="torch threads and ONNX Runtime intra-op threads")
+    o.add_argument("--device", type=device_type(("cpu", "cuda"), index=False), default="cpu", help="cpu or cuda")
+    o.add_argument("--bandwidth-mib", type=non_negative_int, default=256, help="memory-bandwidth probe size (0: skip)")
     o.add_argument("--onnx-dense", type=Path, help="ONNX export of DENSE (default: exported once into the cache)")
     o.add_argument("--onnx-factored", type=Path, help="ONNX export of FACTORED (default: as above)")
     o.add_argument("--gguf", help="GGUF file for the llamacpp engine ('sample': the sample model's Q4_1 GGUF)")
@@ -48,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serving(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ..bench.loadgen import run_load
 
     base = args.prompt or ["Write a short note about the river and the old bridge."]
@@ -66,9 +69,12 @@ def _int_list(text: str, what: str) -> list[int]:
     from ..runtime.format import FactorlmError
 
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise FactorlmError(f"{what} must be a comma list of integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise FactorlmError(f"{what} must be a comma list of integers >= 1, got {text!r}")
+    return values
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -97,6 +103,9 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
     from ..bench.runner import BenchConfig
     from .common import resolve_model_path
 
+    for out in (args.json_out, args.md_out):
+        if out:
+            check_output(out, kind="file")
     gguf = None
     if args.gguf == "sample":
         from ..sample_model import find_gguf

@@ -17,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .common import check_output
+
+    check_output(args.output, kind="file")
     from ..compressor.calib_sources import write_calibration_text
 
     path = write_calibration_text(args.source, args.output)

@@ -4,34 +4,40 @@ from __future__ import annotations
 
 import argparse
 
+from .common import (check_context, check_output, device_type, float_in, input_path, int_at_least, non_negative_int,
+                     positive_int)
+
+# The names of factorlm.compressor's METHODS and ALLOCATORS registries, spelled out so that
+# `compress --help` needs no torch; tests/test_cli_foundation.py keeps them equal.
+METHOD_NAMES = ("svd", "asvd", "svd-llm", "saes")
+ALLOCATION_NAMES = ("uniform", "energy", "greedy", "mgaa", "ara")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..compressor.allocation import ALLOCATORS
-    from ..compressor.methods import METHODS
-
     p = subparsers.add_parser("compress", help="factorize a model's linear layers into a factored checkpoint")
     p.add_argument("model", help="dense model folder, or 'sample' for the built-in sample model")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--method", default="svd", choices=list(METHODS),
+    p.add_argument("--method", default="svd", choices=METHOD_NAMES,
                    help="factorization method (default: svd; saes/svd-llm/asvd calibrate block by block)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=float, default=None,
+    budget.add_argument("--keep", type=float_in(0, 1, low_open=True), default=None,
                         help="fraction of linear-layer parameters kept (default 0.6)")
-    budget.add_argument("--reduction", type=float, default=None,
+    budget.add_argument("--reduction", type=float_in(0, 1, low_open=True, high_open=True), default=None,
                         help="fraction of whole-model parameters removed, embeddings included")
-    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATORS),
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATION_NAMES,
                    help="rank allocation across layers (default: uniform)")
-    p.add_argument("--rank-multiple", type=int, default=8, help="round ranks to this multiple (default 8)")
-    p.add_argument("--min-rank", type=int, default=None, help="smallest rank (default: the rank multiple)")
+    p.add_argument("--rank-multiple", type=positive_int, default=8, help="round ranks to this multiple (default 8)")
+    p.add_argument("--min-rank", type=positive_int, default=None, help="smallest rank (default: the rank multiple)")
     p.add_argument("--calib", default=None,
                    help="calibration text: a .txt/.jsonl file, 'sample' (built-in, not WikiText-2) or "
                         "hf:NAME[:CONFIG[:SPLIT]] (default: 'sample' when calibration is needed)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-len", type=int_at_least(2), default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and ARA seed")
-    p.add_argument("--device", default="cpu", help="device the blocks are processed on, e.g. cuda (default cpu)")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per block forward (default 4)")
-    p.add_argument("--beta", type=float, default=None, help="saes: fixed beta instead of ACES per layer")
+    p.add_argument("--device", type=device_type(), default="cpu", help="device the blocks are processed on, e.g. cuda (default cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="calibration windows per block forward (default 4)")
+    p.add_argument("--beta", type=float_in(0, 1, hint=" (0 is svd-llm's target, 1 anchors fully to the dense output)"),
+                   default=None, help="saes: fixed beta in [0, 1] instead of ACES per layer")
     p.add_argument("--aces", default="holdout", choices=["holdout", "energy"],
                    help="saes: choose beta per layer by held-out teacher-output error (default) or by the "
                         "paper's retained-energy ratio")
@@ -44,19 +50,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="add a corrector to every factored layer: 'auto' sizes ranks from the residual energy "
                            "within --corrector-fraction of the linear parameters; an integer fixes the rank. "
                            "Corrector parameters count in --keep/--reduction")
-    corr.add_argument("--corrector-fraction", type=float, default=0.03,
+    corr.add_argument("--corrector-fraction", type=float_in(0, 1, low_open=True, high_open=True), default=0.03,
                       help="auto: fraction of the dense linear parameters spent on correctors (default 0.03)")
-    corr.add_argument("--corrector-steps", type=int, default=100,
+    corr.add_argument("--corrector-steps", type=non_negative_int, default=100,
                       help="block-level training steps per block (default 100; 0 skips the block stage, and with "
                            "--corrector-layer-steps 0 too the correctors are the closed form alone)")
-    corr.add_argument("--corrector-layer-steps", type=int, default=50,
+    corr.add_argument("--corrector-layer-steps", type=non_negative_int, default=50,
                       help="per-layer training steps before the block stage (default 50; 0 skips it)")
-    corr.add_argument("--corrector-distill-steps", type=int, default=0,
+    corr.add_argument("--corrector-distill-steps", type=non_negative_int, default=0,
                       help="end-to-end KL distillation steps on the logits after the last block (default 0)")
     corr.add_argument("--corrector-init", choices=("functional", "weight"), default="functional",
                       help="closed-form start from the functional residual (the layer's output error on the "
                            "compressed stream, default) or the weight residual W - UV (plain EoRA)")
-    corr.add_argument("--corrector-lr", type=float, default=1e-3, help="learning rate of the layer/block stages")
+    corr.add_argument("--corrector-lr", type=float_in(0, float("inf"), low_open=True, high_open=True), default=1e-3, help="learning rate of the layer/block stages")
     corr.add_argument("--corrector-train", choices=("corrector", "all"), default="all",
                       help="train the factors together with the correctors (all, default) or the correctors only")
     corr.add_argument("--corrector-save", choices=("folded", "separate"), default="folded",
@@ -102,13 +108,28 @@ def build_hooks(args: argparse.Namespace) -> list:
     return [CorrectorHook(config)]
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What the flags alone can tell is wrong, before the model is even materialised."""
+    from ..runtime.format import FactorlmError
+
+    corrector = args.corrector
+    if corrector is not None and corrector != "auto" and not (corrector.isdigit() and int(corrector) >= 1):
+        raise FactorlmError(f"--corrector must be 'auto' or a positive integer, got {corrector!r}")
+    if args.beta is not None and args.method != "saes":
+        raise FactorlmError(f"--beta applies to --method saes only (got --method {args.method})")
+    check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.model)])
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..compressor.pipeline import compress_checkpoint
+    check_args(args)
+    from ..compressor.pipeline import _needs_calibration, compress_checkpoint
     from .common import resolve_model_path
 
     model_path = resolve_model_path(args.model)
     recipe = build_recipe(args)
     hooks = build_hooks(args)
+    if _needs_calibration(recipe, hooks) or recipe.calibration_source():
+        check_context(model_path, args.calib_len, "--calib-len")
     for hook in hooks:
         recipe.extra["corrector"] = {k: getattr(hook.config, k) for k in hook.config.__dataclass_fields__}
     path, report = compress_checkpoint(model_path, args.output, recipe, overwrite=args.overwrite,

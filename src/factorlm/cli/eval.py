@@ -6,6 +6,8 @@ import argparse
 import json
 from dataclasses import asdict
 
+from .common import check_output, int_at_least, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate model quality")
@@ -13,8 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl = sub.add_parser("ppl", help="perplexity over non-overlapping windows of a text file")
     ppl.add_argument("model", help="dense or factored model folder, or 'sample'")
     ppl.add_argument("--text", required=True, help="UTF-8 text file (e.g. the WikiText-2 raw test file)")
-    ppl.add_argument("--window", type=int, default=2048, help="window length in tokens (default 2048)")
-    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    ppl.add_argument("--window", type=int_at_least(2), default=2048, help="window length in tokens (default 2048)")
+    ppl.add_argument("--max-tokens", type=int_at_least(2), default=None, help="score only the first N tokens")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ppl.set_defaults(func=run_ppl)
@@ -23,10 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zs.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq",
                     help="comma-separated tasks: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, "
                          "lambada, mmlu (default: the first six)")
-    zs.add_argument("--limit", type=int, default=None, help="score a seeded subset of N rows per task (default: all)")
+    zs.add_argument("--limit", type=positive_int, default=None, help="score a seeded subset of N rows per task (default: all)")
     zs.add_argument("--seed", type=int, default=1234, help="subset seed; the same seed gives every model the same rows")
-    zs.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
-    zs.add_argument("--threads", type=int, default=None,
+    zs.add_argument("--batch-size", type=positive_int, default=8, help="requests per forward pass (default 8)")
+    zs.add_argument("--threads", type=positive_int, default=None,
                     help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     zs.add_argument("--output", default=None, help="write the JSON report to this file")
     zs.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
@@ -51,6 +53,8 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output(args.output, kind="file")
     from ..eval.zeroshot import evaluate_zeroshot, write_json_atomic
     from ..runtime.checkpoint import load_model, load_tokenizer
     from .common import resolve_model_path

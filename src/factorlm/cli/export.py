@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import check_output, input_path, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a dense or factored model to another runtime")
@@ -12,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o = targets.add_parser("onnx", help="ONNX decoder graph with KV cache, validated against PyTorch")
     o.add_argument("model", help="model folder (dense or factored), or 'sample' for the built-in sample model")
     o.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
-    o.add_argument("--opset", type=int, default=20, help="ONNX opset (18-23, default 20)")
+    o.add_argument("--opset", type=positive_int, default=20, help="ONNX opset (18-23, default 20)")
     o.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="graph dtype; fp16 is meant for GPU execution providers")
     o.add_argument("--int8", action="store_true",
@@ -21,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--external-data", action="store_true", default=None,
                    help="store weights in model.onnx.data (automatic above 1 GiB of weights)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    o.add_argument("--threads", type=int, default=None, help="CPU threads for export and validation")
+    o.add_argument("--threads", type=positive_int, default=None, help="CPU threads for export and validation")
     o.set_defaults(func=run)
 
 
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     # check the cheap things before materialising the sample model
     check_options(Path(args.output), args.opset, args.dtype, args.overwrite)
+    check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.model)])
     path = resolve_model_path(args.model)
     meta = export_onnx(path, args.output, opset=args.opset, dtype=args.dtype, int8=args.int8,
                        validate=not args.no_validate, overwrite=args.overwrite,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from .common import (check_context, check_output, input_path, int_at_least, positive_float, positive_int,
+                     resolve_model_path)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -14,12 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default="sample",
                    help="training text: a .txt/.jsonl file, 'sample' or hf:NAME[:CONFIG[:SPLIT]] (default: sample); "
                         "the last 10%% of its tokens are held out to measure the gain")
-    p.add_argument("--steps", type=int, default=100, help="optimiser steps, one window each (default 100)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (Adam, warm-up then cosine; default 1e-4)")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=100, help="optimiser steps, one window each (default 100)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate (Adam, warm-up then cosine; default 1e-4)")
+    p.add_argument("--samples", type=positive_int, default=None,
                    help="training windows, cycled over when fewer than the steps (default: one per step)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--held-out", type=int, default=4, help="held-out windows for the before/after KL (default 4)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per window (default 512)")
+    p.add_argument("--held-out", type=positive_int, default=4, help="held-out windows for the before/after KL (default 4)")
     p.add_argument("--train", choices=("all", "correctors"), default="all",
                    help="train every factor and corrector (default) or only separate correctors")
     p.add_argument("--seed", type=int, default=0)
@@ -29,12 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.folder), input_path(args.teacher)])
     from ..compressor.finetune import FinetuneConfig, finetune_checkpoint
-    from .common import resolve_model_path
 
+    student, teacher = resolve_model_path(args.folder), resolve_model_path(args.teacher)
+    for model in (student, teacher):
+        check_context(model, args.seq_len, "--seq-len")
     cfg = FinetuneConfig(steps=args.steps, lr=args.lr, samples=args.samples, seq_len=args.seq_len,
                          held_out=args.held_out, train=args.train, seed=args.seed)
-    path, report = finetune_checkpoint(resolve_model_path(args.folder), resolve_model_path(args.teacher), args.output,
+    path, report = finetune_checkpoint(student, teacher, args.output,
                                        args.calib, cfg, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"held-out KL to the dense model: {report['held_out_kl_before']:.4f} -> {report['held_out_kl_after']:.4f} "
           f"({report['trained_params']:,} parameters, {args.steps} steps, {report['seconds']['train']:.0f} s)")

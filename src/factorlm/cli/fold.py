@@ -11,6 +11,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from .common import check_output
+
 CARRIED_FILES = ("factorlm_recipe.yaml", "factorlm_report.json", "factorlm_corrector_loss.png")
 
 
@@ -27,13 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.format import FactoredConfig, FactorlmError, read_factored_config
 
     src, out = Path(args.folder), Path(args.output)
+    check_output(out, overwrite=args.overwrite, inputs=[src])
     block = read_factored_config(src)
     if block is None:
         raise FactorlmError(f"{src / 'config.json'}: not a factorlm checkpoint (no factorlm quantization_config)")
     if block.correctors != "separate":
         raise FactorlmError(f"{src}: correctors are {block.correctors!r}, not 'separate'; nothing to fold")
-    if out.resolve() == src.resolve():
-        raise FactorlmError(f"{out}: the output must be a different folder than the input")
     model = load_factored(src, fast_layout=False, correctors="fold")
     extra: dict[str, str | bytes] = {name: (src / name).read_bytes() for name in CARRIED_FILES if (src / name).is_file()}
     path = save_factored(model, out, tokenizer=load_tokenizer(src), extra_files=extra, overwrite=args.overwrite,

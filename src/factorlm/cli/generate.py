@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .common import float_in, non_negative_int, positive_int
+
 ENGINES = ("torch", "onnx")
 
 
@@ -15,17 +17,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=float_in(0, float("inf"), high_open=True), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k cut")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--engine", choices=ENGINES, default="torch",
                    help="torch: model folder; onnx: a folder written by 'factorlm export onnx'")
     p.add_argument("--onnx-device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu sees a GPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=run)
 
 
