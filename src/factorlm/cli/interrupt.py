@@ -8,6 +8,8 @@ arrived; it gives the main thread ``grace_s`` to unwind normally (the ``Keyboard
 path runs every cleanup), and if the main thread is still busy, or on a second Ctrl-C, it
 removes the partial outputs the command was writing (hidden ``.NAME.*`` siblings of its
 outputs that appeared during the run), prints the line and ends the process with 130.
+While another SIGINT handler is installed (uvicorn in ``serve``, asyncio in ``bench
+serving``) the watchdog leaves Ctrl-C to it.
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ class InterruptWatchdog:
             data = os.read(fd, 64)
             if not data:
                 return False  # stop() closed the pipe
-            if signal.SIGINT in data:
-                return True
+            if signal.SIGINT in data and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                return True  # (a server or asyncio that installed its own SIGINT handler runs its own shutdown)
         return False
 
     def _hard_exit(self) -> None:
