@@ -153,6 +153,11 @@ def test_seq_len_above_context_is_refused_before_loading(dense, factored, tmp_pa
                             "--seq-len", "1000"], "--seq-len 1000 exceeds the model's context length 256")
 
 
+def test_ppl_window_above_context_is_refused_before_loading(dense, capsys, no_long_work):
+    one_line_error(capsys, ["eval", "ppl", str(dense), "--text", str(dense / "config.json")],
+                   "--window 2048 exceeds the model's context length 256")
+
+
 def test_context_length_keys(tmp_path):
     from factorlm.cli.common import context_length
 
@@ -325,7 +330,8 @@ def _truncated(factored, tmp_path):
     return ck
 
 
-@pytest.mark.parametrize("argv", [["generate", "CK", "--prompt", "hi"], ["eval", "ppl", "CK", "--text", "CK/config.json"]])
+@pytest.mark.parametrize("argv", [["generate", "CK", "--prompt", "hi"], ["eval", "ppl", "CK", "--text", "CK/config.json",
+                                                                          "--window", "32"]])
 def test_truncated_checkpoint_is_one_line_naming_the_file(argv, factored, tmp_path, capsys):
     ck = _truncated(factored, tmp_path)
     argv = [a.replace("CK", str(ck)) for a in argv]

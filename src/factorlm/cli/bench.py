@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--num-prompts", type=positive_int, default=8)
     s.add_argument("--max-tokens", type=positive_int, default=32)
     s.add_argument("--concurrency", type=positive_int, nargs="+", default=[1])
-    s.add_argument("--request-rate", type=float_in(0, float("inf"), low_open=True), default=float("inf"), help="Poisson arrivals per second")
+    s.add_argument("--request-rate", type=float_in(0, float("inf"), low_open=True), default=float("inf"),
+                   help="Poisson arrivals per second")
     s.set_defaults(func=run_serving)
     o = sub.add_parser("offline", help="decode/prefill speed, bytes, memory: dense vs factored, per engine")
     o.add_argument("dense", help="dense model folder (or 'sample')")

@@ -89,9 +89,8 @@ def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite float > 0."""
-    return float_in(0.0, float("inf"), low_open=True, high_open=True)(text)
+positive_float = float_in(0, float("inf"), low_open=True, high_open=True)
+non_negative_float = float_in(0, float("inf"), high_open=True)
 
 
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(?::(\d+))?")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from .common import (check_context, check_output, device_type, float_in, input_path, int_at_least, non_negative_int,
-                     positive_int)
+                     positive_float, positive_int)
 
 # The names of factorlm.compressor's METHODS and ALLOCATORS registries, spelled out so that
-# `compress --help` needs no torch; tests/test_cli_foundation.py keeps them equal.
+# `compress --help` needs no torch; tests/test_cli_checks.py keeps them equal.
 METHOD_NAMES = ("svd", "asvd", "svd-llm", "saes")
 ALLOCATION_NAMES = ("uniform", "energy", "greedy", "mgaa", "ara")
 
@@ -34,8 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-len", type=int_at_least(2), default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and ARA seed")
-    p.add_argument("--device", type=device_type(), default="cpu", help="device the blocks are processed on, e.g. cuda (default cpu)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="calibration windows per block forward (default 4)")
+    p.add_argument("--device", type=device_type(), default="cpu",
+                   help="device the blocks are processed on, e.g. cuda (default cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="calibration windows per block forward (default 4)")
     p.add_argument("--beta", type=float_in(0, 1, hint=" (0 is svd-llm's target, 1 anchors fully to the dense output)"),
                    default=None, help="saes: fixed beta in [0, 1] instead of ACES per layer")
     p.add_argument("--aces", default="holdout", choices=["holdout", "energy"],
@@ -62,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     corr.add_argument("--corrector-init", choices=("functional", "weight"), default="functional",
                       help="closed-form start from the functional residual (the layer's output error on the "
                            "compressed stream, default) or the weight residual W - UV (plain EoRA)")
-    corr.add_argument("--corrector-lr", type=float_in(0, float("inf"), low_open=True, high_open=True), default=1e-3, help="learning rate of the layer/block stages")
+    corr.add_argument("--corrector-lr", type=positive_float, default=1e-3,
+                      help="learning rate of the layer/block stages")
     corr.add_argument("--corrector-train", choices=("corrector", "all"), default="all",
                       help="train the factors together with the correctors (all, default) or the correctors only")
     corr.add_argument("--corrector-save", choices=("folded", "separate"), default="folded",

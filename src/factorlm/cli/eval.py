@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from .common import check_output, int_at_least, positive_int
+from .common import check_context, check_output, int_at_least, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zs.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq",
                     help="comma-separated tasks: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, "
                          "lambada, mmlu (default: the first six)")
-    zs.add_argument("--limit", type=positive_int, default=None, help="score a seeded subset of N rows per task (default: all)")
+    zs.add_argument("--limit", type=positive_int, default=None,
+                    help="score a seeded subset of N rows per task (default: all)")
     zs.add_argument("--seed", type=int, default=1234, help="subset seed; the same seed gives every model the same rows")
     zs.add_argument("--batch-size", type=positive_int, default=8, help="requests per forward pass (default 8)")
     zs.add_argument("--threads", type=positive_int, default=None,
@@ -42,6 +43,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     from .common import resolve_model_path
 
     path = resolve_model_path(args.model)
+    check_context(path, args.window, "--window")
     model = load_model(path).eval()
     result = perplexity(model, load_tokenizer(path), read_text(args.text), window=args.window,
                         max_tokens=args.max_tokens, progress=not args.no_progress)

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .common import float_in, non_negative_int, positive_int
+from .common import float_in, non_negative_float, non_negative_int, positive_int
 
 ENGINES = ("torch", "onnx")
 
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=float_in(0, float("inf"), high_open=True), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0)
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k cut")
     p.add_argument("--seed", type=int, default=None)

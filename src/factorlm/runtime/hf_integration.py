@@ -124,7 +124,7 @@ def register_with_transformers(qauto: ModuleType | None = None) -> None:
             if checkpoint_files:
                 check_before_loading(model, block, [Path(f) for f in checkpoint_files])
             else:
-                logger.warning("transformers gave no checkpoint files; factorlm cannot check the tensors before loading")
+                logger.warning("transformers gave no checkpoint files; the tensors are not checked before loading")
             replace_with_factored(model, block.ranks, device="meta", corrector_ranks=block.corrector_ranks)
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
