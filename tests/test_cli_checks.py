@@ -113,6 +113,17 @@ def test_cuda_without_cuda(argv, capsys, tmp_path, no_long_work):
         one_line_error(capsys, argv + ["--device", "cuda:3"], "no CUDA device is available")
 
 
+@pytest.mark.gpu
+def test_device_cuda_is_accepted_and_a_missing_index_refused(capsys):
+    from factorlm.cli.common import device_type
+
+    parse = device_type()
+    assert parse("cuda") == "cuda" and parse("cuda:0") == "cuda:0"
+    count = torch.cuda.device_count()
+    one_line_error(capsys, ["compress", "D", "-o", "O", "--device", f"cuda:{count}"],
+                   f"this machine has {count} CUDA device(s), numbered from 0")
+
+
 def test_beta_needs_saes(dense, tmp_path, capsys, no_long_work):
     one_line_error(capsys, ["compress", str(dense), "-o", str(tmp_path / "o"), "--beta", "0.5"],
                    "--beta applies to --method saes only (got --method svd)")

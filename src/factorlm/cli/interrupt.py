@@ -39,15 +39,14 @@ class InterruptWatchdog:
 
     def start(self) -> None:
         """Listen for SIGINT; a no-op outside the main thread or when SIGINT is not Python's to handle."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        if (sys.platform == "win32" or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
             return
         read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
         try:
+            os.set_blocking(write_fd, False)
             self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        except ValueError:
+        except (OSError, ValueError):
             os.close(read_fd)
             os.close(write_fd)
             return
