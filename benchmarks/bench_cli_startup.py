@@ -131,7 +131,7 @@ def main() -> None:
     lines = [f"# CLI start-up ({args.repeats} runs each, median wall seconds, fresh process per run)", "",
              f"`{result['command']}`; load average {result['loadavg_before']} before, "
              f"{result['loadavg_after']} after.", "",
-             "| command | " + " | ".join(labels) + (" | ratio |" if len(labels) > 1 else ""),
+             "| command | " + " | ".join(labels) + (f" | {labels[1]} / {labels[0]} |" if len(labels) > 1 else " |"),
              "|---|" + "---:|" * (len(labels) + (1 if len(labels) > 1 else 0))]
     for name in cmds:
         med = [result["median_s"][lb].get(name) for lb in labels]
