@@ -301,3 +301,18 @@ def test_python_api_with_from_pretrained(factored, no_network) -> None:
         accs.append(doc_metrics(doc, scores)["acc"])
     assert out["results"]["winogrande"]["sample_len"] == 4
     assert out["results"]["winogrande"]["acc,none"] == sum(accs) / 4
+
+
+def test_tag_selects_the_six_tasks() -> None:
+    from factorlm.eval.lm_eval_harness import task_manager
+
+    manager = task_manager()
+    assert manager.all_tags == [TAG] and sorted(manager.all_subtasks) == sorted(TASK_NAMES)
+    assert manager.task_index[TAG].tags == set(TASK_NAMES)  # what lm-eval expands the tag into
+
+
+def test_print_include_path(capsys) -> None:
+    from factorlm.eval.lm_eval_cli import main
+
+    main(["--print-include-path"])
+    assert Path(capsys.readouterr().out.strip()) == TASKS_DIR and (TASKS_DIR / "piqa.yaml").is_file()
