@@ -208,6 +208,7 @@ def test_cli_lm_eval_equals_cli_zeroshot_offline(factored, tmp_path, capsys, no_
     (["--tasks", "piqa,nope"], "unknown lm-eval task 'nope'"),
     (["--limit", "0"], "--limit must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--device", "bogus"], "--device 'bogus': choose cpu, cuda, cuda:N or auto"),
 ])
 def test_cli_bad_options_exit_2_before_loading(tmp_path, capsys, argv, message) -> None:
     from factorlm.cli import main
@@ -215,6 +216,37 @@ def test_cli_bad_options_exit_2_before_loading(tmp_path, capsys, argv, message) 
     # the model folder does not exist: the option error must come first
     assert main(["eval", "lm-eval", str(tmp_path / "missing"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_cuda_without_cuda_exits_2(tmp_path, capsys) -> None:
+    import torch
+
+    from factorlm.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["eval", "lm-eval", str(tmp_path / "missing"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cli_lm_eval_on_cuda_matches_cpu(factored, tmp_path) -> None:
+    import torch
+
+    from factorlm.cli import main
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    path, _, _ = factored
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        assert main(["eval", "lm-eval", str(path), "--tasks", "piqa,arc_easy,boolq", "--limit", "20",
+                     "--device", device, "--no-progress", "--output", str(out)]) == 0
+        reports[device] = json.loads(out.read_text())
+    assert reports["cuda"]["device"] == "cuda"
+    for name in ("piqa", "arc_easy", "boolq"):  # fp32 on both: near-ties aside, the same picks
+        assert abs(reports["cuda"]["tasks"][name]["acc"] - reports["cpu"]["tasks"][name]["acc"]) <= 0.05
 
 
 # --- lm-eval's own CLI and Python API --------------------------------------------------------

@@ -11,6 +11,9 @@ import json
 from dataclasses import asdict
 
 
+DTYPES = {"auto", "float32", "bfloat16", "float16"}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate model quality")
     sub = p.add_subparsers(dest="eval_command", required=True)
@@ -45,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="score the same seeded subset of N rows per task as 'eval zeroshot --limit N' (default: all)")
     le.add_argument("--seed", type=int, default=1234, help="subset seed (same meaning as for 'eval zeroshot')")
     le.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    le.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    le.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                    help="weights and activations (default auto: as 'eval zeroshot' loads the model, "
+                         "float32 for a dense folder, the stored dtype for a factored one)")
     le.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     le.add_argument("--output", default=None, help="write the JSON report to this file")
     le.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
@@ -119,19 +126,41 @@ def run_lm_eval(args: argparse.Namespace) -> int:
         raise FactorlmError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise FactorlmError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = _resolve_device(args.device)
     set_offline()
     require_lm_eval()
     for name in tasks:  # the data files exist and read, before the model is loaded
         get_task(name).load()
     if args.no_progress:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
-    model = load_model(path).eval()
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = load_model(path, dtype=dtype, device=device).eval()
     report = evaluate_lm_eval(model, load_tokenizer(path), tasks, limit=args.limit, seed=args.seed,
                               batch_size=args.batch_size, progress=not args.no_progress)
     report["model"] = str(path)
+    report["device"], report["dtype"] = device, args.dtype
     return _emit(report, args)
+
+
+def _resolve_device(value: str) -> str:
+    """``auto`` -> cuda when available, else cpu; a CUDA device that is not there is an error."""
+    import torch
+
+    from ..runtime.format import FactorlmError
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cpu":
+        return value
+    if value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise FactorlmError(f"--device {value}: CUDA is not available on this machine")
+        if ":" in value and int(value[5:]) >= torch.cuda.device_count():
+            raise FactorlmError(f"--device {value}: only {torch.cuda.device_count()} CUDA device(s)")
+        return value
+    raise FactorlmError(f"--device {value!r}: choose cpu, cuda, cuda:N or auto")
