@@ -25,7 +25,7 @@ from typing import Any
 from ..tasks import get_task
 
 TASKS_DIR = Path(__file__).resolve().parent
-TASK_NAMES = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
+TASK_NAMES = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))  # one config per task
 TAG = "factorlm_zeroshot"
 
 
