@@ -101,17 +101,22 @@ def test_genai_reads_our_tokenizer(exported) -> None:
 @pytest.mark.slow
 def test_genai_on_the_factored_sample_model(tmp_path: Path) -> None:
     """The sample model compressed with plain SVD at keep 0.7, exported, a chat prompt: genai and
-    factorlm's ONNX generator give the same greedy tokens and stop at the same EOS."""
-    from transformers import AutoTokenizer
-
+    factorlm's ONNX generator give the same greedy tokens (and stop at the same EOS when one comes)."""
     from factorlm.cli import main
 
     ckpt = tmp_path / "smol-svd07"
     assert main(["compress", "sample", "--method", "svd", "--keep", "0.7", "-o", str(ckpt), "--no-progress"]) == 0
     out = tmp_path / "onnx"
     export_onnx(ckpt, out, threads=2)
+    check_chat_prompts(out)
+
+
+def check_chat_prompts(out: Path, max_new_tokens: int = 48) -> None:
+    """genai and OnnxGenerator agree on greedy chat answers from the exported folder ``out``."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(out)
     for question in ("What is the capital of France?", "Write a haiku about the sea."):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-        assert genai_greedy(out, prompt, 48) == factorlm_greedy(out, prompt, 48)
+        assert genai_greedy(out, prompt, max_new_tokens) == factorlm_greedy(out, prompt, max_new_tokens)
