@@ -163,9 +163,12 @@ def test_winogrande_row_uses_partial_evaluation():
 
 @needs_data
 def test_boolq_row():
-    row = TASKS["boolq"].load()[0]
-    d = TASKS["boolq"].to_doc(row)
-    assert d.contexts[0] == row["passage"] + "\nQuestion: does ethanol take more energy make that produces?\nAnswer:"
+    rows = TASKS["boolq"].load()
+    assert len(rows) == 3270
+    d = TASKS["boolq"].to_doc(rows[0])
+    # SuperGLUE's passage, as lm-eval's boolq reads it: "Title -- text"
+    assert d.contexts[0].startswith("Ethanol fuel -- All biomass goes through at least some of these steps")
+    assert d.contexts[0].endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
     assert d.continuations == (" no", " yes") and d.gold == 0 and d.norm_lens is None
 
 

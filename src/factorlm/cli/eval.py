@@ -1,4 +1,8 @@
-"""``factorlm eval ppl|zeroshot DIR``: perplexity and zero-shot accuracy of a dense or factored model."""
+"""``factorlm eval ppl|zeroshot|lm-eval DIR``: perplexity and zero-shot accuracy of a dense or factored model.
+
+``zeroshot`` scores with factorlm's own implementation of lm-eval's definitions; ``lm-eval`` runs
+lm-evaluation-harness itself (the ``eval`` extra) on the same local rows.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ import json
 from dataclasses import asdict
 
 from .common import check_context, check_output, int_at_least, positive_int
+
+
+DTYPES = {"auto", "float32", "bfloat16", "float16"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +42,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zs.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
     zs.add_argument("--no-progress", action="store_true", help="hide progress bars")
     zs.set_defaults(func=run_zeroshot)
+    le = sub.add_parser("lm-eval", help="zero-shot accuracy computed by lm-evaluation-harness itself, offline")
+    le.add_argument("model", help="dense or factored model folder, or 'sample'")
+    le.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq",
+                    help="comma-separated lm-eval tasks with local data: piqa, arc_easy, arc_challenge, hellaswag, "
+                         "winogrande, boolq (default: all six)")
+    le.add_argument("--limit", type=positive_int, default=None,
+                    help="score the same seeded subset of N rows per task as 'eval zeroshot --limit N' (default: all)")
+    le.add_argument("--seed", type=int, default=1234, help="subset seed (same meaning as for 'eval zeroshot')")
+    le.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size (default 8)")
+    le.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    le.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                    help="weights and activations (default auto: as 'eval zeroshot' loads the model, "
+                         "float32 for a dense folder, the stored dtype for a factored one)")
+    le.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    le.add_argument("--output", default=None, help="write the JSON report to this file")
+    le.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
+    le.add_argument("--no-progress", action="store_true", help="hide progress bars and lm-eval's info logging")
+    le.set_defaults(func=run_lm_eval)
 
 
 def run_ppl(args: argparse.Namespace) -> int:
@@ -57,7 +82,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 def run_zeroshot(args: argparse.Namespace) -> int:
     if args.output:
         check_output(args.output, kind="file")
-    from ..eval.zeroshot import evaluate_zeroshot, write_json_atomic
+    from ..eval.zeroshot import evaluate_zeroshot
     from ..runtime.checkpoint import load_model, load_tokenizer
     from .common import resolve_model_path
 
@@ -71,6 +96,13 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     report = evaluate_zeroshot(model, load_tokenizer(path), tasks, limit=args.limit, seed=args.seed,
                                batch_size=args.batch_size, progress=not args.no_progress)
     report["model"] = str(path)
+    return _emit(report, args)
+
+
+def _emit(report: dict, args: argparse.Namespace) -> int:
+    """Write the report (--output), then print it as JSON (--json) or as a table."""
+    from ..eval.zeroshot import write_json_atomic
+
     if args.output:
         write_json_atomic(args.output, report)
     if args.json:
@@ -81,5 +113,53 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         norm = (f"{r['acc_norm']:9.4f} {r['acc_norm_stderr'] or 0:8.4f}" if r["acc_norm"] is not None
                 else f"{'-':>9} {'-':>8}")
         print(f"{name:<14} {r['n']:>6} {r['acc']:8.4f} {r['acc_stderr'] or 0:8.4f} {norm}")
-    print(f"average acc {report['average']:.4f}  (acc_norm where defined: {report['average_norm']:.4f})")
+    print(f"average acc {report['average']:.4f}  (acc_norm where defined: {report['average_norm']:.4f})"
+          + (f"  [{report['evaluator']}]" if "evaluator" in report else ""))
     return 0
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    import logging
+
+    from ..eval.lm_eval_harness import check_tasks, evaluate_lm_eval, require_lm_eval, set_offline
+    from ..eval.tasks import get_task
+    from ..runtime.checkpoint import load_model, load_tokenizer
+    from .common import resolve_model_path
+
+    tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
+    if args.output:
+        check_output(args.output, kind="file")
+    device = _resolve_device(args.device)
+    set_offline()
+    require_lm_eval()
+    for name in tasks:  # the data files exist and read, before the model is loaded
+        get_task(name).load()
+    if args.no_progress:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.model)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = load_model(path, dtype=dtype, device=device).eval()
+    report = evaluate_lm_eval(model, load_tokenizer(path), tasks, limit=args.limit, seed=args.seed,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    report["model"] = str(path)
+    report["device"], report["dtype"] = device, args.dtype
+    return _emit(report, args)
+
+
+def _resolve_device(value: str) -> str:
+    """``auto`` -> cuda when available, else cpu; anything else is checked like every ``--device``."""
+    import torch
+
+    from ..runtime.format import FactorlmError
+    from .common import device_type
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return device_type(("cpu", "cuda"))(value)
+    except argparse.ArgumentTypeError as exc:
+        raise FactorlmError(f"--device: {exc}") from None

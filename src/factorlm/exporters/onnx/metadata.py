@@ -1,4 +1,19 @@
-"""The small JSON files written beside the graph: IO description and onnxruntime-genai config."""
+"""The small JSON files written beside the graph: IO description and onnxruntime-genai config.
+
+``genai_config.json`` lets the onnxruntime-genai runtime (``og.Model(folder)``) run our graph
+with its own generator. What it must say, each checked by tests/onnx/test_genai.py:
+
+* ``position_ids`` among the decoder inputs: our graph takes explicit positions, and genai
+  feeds them only to an input the config names;
+* ``past_present_share_buffer: false``: our presents are ``past + seq`` long, a fresh tensor per
+  step, not a preallocated ``max_length`` buffer that the graph writes into;
+* every stop id a factorlm generator stops at: the config's EOS, the generation config's and
+  the tokenizer's (Llama-3-8B-Instruct's config.json lists only ``<|end_of_text|>``; its
+  generation config adds ``<|eot_id|>``, which ends its turns), else genai keeps generating
+  where factorlm stops;
+* BOS / pad ids taken as written, 0 included (a falsy id is still an id);
+* ``context_length`` and ``search.max_length``: the model's ``max_position_embeddings``.
+"""
 
 from __future__ import annotations
 
@@ -64,17 +79,42 @@ def read_metadata(onnx_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def genai_config(config: Any, dtype: str) -> dict[str, Any]:
-    """A config for the onnxruntime-genai runtime. Our presents are past + seq long, so the
-    shared KV buffer must stay off, and positions come from our ``position_ids`` input."""
+def stop_token_ids(config: Any, folder: str | os.PathLike | None = None) -> list[int]:
+    """EOS ids a generator stops at: config.json's, then ``generation_config.json``'s and the
+    tokenizer's EOS from ``folder`` (the export folder, side files copied), in that order."""
+    ids = _eos_ids(config)
+    if folder is not None:
+        folder = Path(folder)
+        gen_cfg = folder / "generation_config.json"
+        if gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids += [eos] if isinstance(eos, int) else list(eos or [])
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            tok_eos = getattr(AutoTokenizer.from_pretrained(folder), "eos_token_id", None)
+            ids += [tok_eos] if isinstance(tok_eos, int) else []
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def _token_id(config: Any, name: str, default: int) -> int:
+    value = getattr(config, name, None)
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return default if value is None else int(value)
+
+
+def genai_config(config: Any, dtype: str, folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A config for the onnxruntime-genai runtime (see the module docstring for what it must say);
+    ``folder`` is the export folder whose generation config and tokenizer add stop ids."""
     shape = CacheShape.from_config(config)
-    eos = _eos_ids(config)
-    context = int(getattr(config, "max_position_embeddings", 2048))
+    eos = stop_token_ids(config, folder)
+    context = int(getattr(config, "max_position_embeddings", None) or 2048)
     return {
         "model": {
-            "bos_token_id": getattr(config, "bos_token_id", None) or 0,
+            "bos_token_id": _token_id(config, "bos_token_id", 0),
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "pad_token_id": getattr(config, "pad_token_id", None) or (eos[0] if eos else 0),
+            "pad_token_id": _token_id(config, "pad_token_id", eos[0] if eos else 0),
             "context_length": context, "vocab_size": config.vocab_size, "type": config.model_type,
             "decoder": {
                 "filename": "model.onnx", "head_size": shape.head_dim, "hidden_size": config.hidden_size,
