@@ -278,3 +278,49 @@ def test_limits_are_checked():
     with pytest.raises(FactorlmError, match="max_body_bytes"):
         HttpLimits(max_body_bytes=0)
     assert HttpLimits().max_body_bytes == 4 * MIB
+
+
+def test_hopeless_prompts_are_refused_before_tokenizing(served):
+    """The tiny tokenizer has at most 12 characters per token: 4,000 characters cannot fit 256 tokens."""
+    url, gated = served
+    gated.entered.clear()
+    gated.gate.clear()  # tokenizing a BLOCK prompt would now wait 30 s
+    try:
+        for route, body in [("/v1/completions", {**OK, "prompt": "BLOCK" + "x" * 4000}),
+                            ("/v1/chat/completions",
+                             {"model": MODEL, "messages": [{"role": "user", "content": "BLOCK" + "x" * 4000}]})]:
+            r = httpx.post(f"{url}{route}", json=body, timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "input_tokens", r.text
+            assert "at least" in r.json()["error"]["message"]
+        assert not gated.entered.is_set()
+    finally:
+        gated.gate.set()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+def test_chars_per_token_bound_holds_for_hostile_texts(arch):
+    import random
+
+    from factorlm.serving.tokenize import max_chars_per_token
+    from factorlm.testing import make_tiny_model
+
+    _, tokenizer = make_tiny_model(arch)
+    bound = max_chars_per_token(tokenizer)
+    if bound is None:
+        pytest.skip(f"no bound for the {arch} tokenizer")
+    rng = random.Random(0)
+    texts = [" " * 5000, "#" * 5000, "\n" * 3000, "ab" * 3000, "e\u0301" * 2000, "<|im_start|>" * 300,
+             "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(5000)), "The quick brown fox " * 300]
+    for text in texts:
+        assert len(text) / len(tokenizer(text).input_ids) <= bound
+
+
+def test_no_bound_for_tokenizers_that_drop_text():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from factorlm.serving.tokenize import max_chars_per_token
+
+    backend = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # whitespace makes no tokens at all
+    assert max_chars_per_token(PreTrainedTokenizerFast(tokenizer_object=backend)) is None

@@ -28,11 +28,15 @@ from .tokenize import TokenizerPool
 
 
 def create_app(engine: Any, *, api_key: str | None = None, max_tokens_limit: int | None = None,
-               limits: HttpLimits | None = None, tokenizer_threads: int = 2) -> FastAPI:
-    """The app for ``engine``; the engine is started on startup and stopped on shutdown."""
+               limits: HttpLimits | None = None, tokenizer_threads: int = 2, length_guard: bool = True) -> FastAPI:
+    """The app for ``engine``; the engine is started on startup and stopped on shutdown.
+
+    ``length_guard=False`` tokenizes every prompt, even one that cannot fit the context
+    (see :class:`~factorlm.serving.tokenize.LengthGuard`; benchmarks use it).
+    """
     metrics = ServerMetrics(engine)
     pool = TokenizerPool(tokenizer_threads)
-    serving = OpenAIServing(engine, metrics, pool, max_tokens_limit=max_tokens_limit)
+    serving = OpenAIServing(engine, metrics, pool, max_tokens_limit=max_tokens_limit, length_guard=length_guard)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

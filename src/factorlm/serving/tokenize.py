@@ -1,23 +1,97 @@
-"""Prompts to token ids, off the event loop.
+"""Prompts to token ids, off the event loop, and a cheap length check before the long work.
 
 Tokenizing a long prompt or rendering a chat template takes seconds for a request of a
 few megabytes, so the HTTP layer never does it on the event loop: :class:`TokenizerPool`
 runs these pure functions on a small pool of worker threads (fast tokenizers release the
 GIL while they encode), and ``/health`` and running streams keep flowing meanwhile.
+
+Most of that work is for prompts that cannot fit anyway: a 4 MB prompt is ~1M tokens and
+takes ~10 s and ~700 MB to tokenize, for a context of a few thousand tokens.
+:class:`LengthGuard` refuses them first: when a tokenizer never drops text (checked from
+its normalizer, pre-tokenizer and model), no token stands for more characters than its
+longest vocabulary entry, so a text of C characters has at least C / that many tokens.
+Tokenizers for which this does not hold (WordPiece, fused unknowns, whitespace-dropping
+pre-tokenizers) get no guard and are simply tokenized.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import logging
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import APIError
 from .protocol import ChatCompletionRequest
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Prompt = str | list[int]
+_KEEPS_TEXT_NORMALIZERS = {"NFD", "NFKD", "Lowercase", "Prepend", "Replace"}  # never shrink text
+_COMPOSING_NORMALIZERS = {"NFC", "NFKC"}  # may compose a few code points into one
+_KEEPS_TEXT_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "Split", "UnicodeScripts"}
+COMPOSE_SLACK = 4
+
+
+def _parts(component: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    if component is None:
+        return []
+    return [p for c in component.get(key, []) for p in _parts(c, key)] if component["type"] == "Sequence" else [component]
+
+
+def max_chars_per_token(tokenizer: Any) -> float | None:
+    """An upper bound on the characters of text one token stands for, or None when no such bound holds."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+        normalizers = _parts(spec.get("normalizer"), "normalizers")
+        pre = _parts(spec.get("pre_tokenizer"), "pretokenizers")
+        model = spec["model"]
+        longest = max(len(token) for token in backend.get_vocab(with_added_tokens=True))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if any(n["type"] not in _KEEPS_TEXT_NORMALIZERS | _COMPOSING_NORMALIZERS for n in normalizers):
+        return None
+    if any(n["type"] == "Replace" and not n.get("content") for n in normalizers):
+        return None  # replacing with "" deletes text
+    if any(p["type"] not in _KEEPS_TEXT_PRE_TOKENIZERS or str(p.get("behavior", "")).lower() == "removed" for p in pre):
+        return None
+    fused_unknowns = model.get("fuse_unk") or (model["type"] == "Unigram" and not model.get("byte_fallback"))
+    if model["type"] not in ("BPE", "Unigram") or fused_unknowns:
+        return None
+    slack = COMPOSE_SLACK if any(n["type"] in _COMPOSING_NORMALIZERS for n in normalizers) else 1
+    return float(longest * slack)
+
+
+@dataclass(frozen=True)
+class LengthGuard:
+    """Refuses a text that must have at least ``context`` tokens, without tokenizing it."""
+
+    context: int
+    chars_per_token: float | None  # None: no bound for this tokenizer, nothing is refused early
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, context: int) -> LengthGuard:
+        bound = max_chars_per_token(tokenizer)
+        log.debug("length guard: at most %s characters per token", bound)
+        return cls(context, bound)
+
+    def check(self, text: str) -> None:
+        if self.chars_per_token is None or len(text) < self.context * self.chars_per_token:
+            return
+        at_least = math.ceil(len(text) / self.chars_per_token)
+        raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your request "
+                       f"has at least {at_least} input tokens ({len(text)} characters, at most "
+                       f"{self.chars_per_token:g} per token), which leaves no room for output.", "input_tokens")
+
+
+NO_GUARD = LengthGuard(0, None)
 
 
 def split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
@@ -33,11 +107,13 @@ def split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list
     return prompts
 
 
-def tokenize_prompts(prompts: list[Prompt], tokenizer: Any) -> list[list[int]]:
+def tokenize_prompts(prompts: list[Prompt], tokenizer: Any, guard: LengthGuard = NO_GUARD) -> list[list[int]]:
     """The token ids of each prompt (strings are tokenized, id lists range-checked)."""
     out: list[list[int]] = []
     vocab = len(tokenizer)
     for p in prompts:
+        if isinstance(p, str):
+            guard.check(p)
         ids = tokenizer(p).input_ids if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", "prompt")
@@ -47,12 +123,13 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer: Any) -> list[list[int]]:
     return out
 
 
-def tokenize_chat(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
+def tokenize_chat(req: ChatCompletionRequest, tokenizer: Any, guard: LengthGuard = NO_GUARD) -> list[int]:
     """Token ids of the conversation rendered with the tokenizer's chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    guard.check(text)
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
