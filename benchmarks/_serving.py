@@ -12,10 +12,12 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,15 +107,22 @@ class Server:
 
 @contextlib.contextmanager
 def serve(folder: Path, engine: str, *, threads: int = 1, extra: list[str] | None = None,
-          model: str = "served-model", startup_s: float = 600) -> Iterator[Server]:
-    """Run ``factorlm serve`` on a free port with an API key; yield once /health answers, stop on exit."""
+          model: str = "served-model", startup_s: float = 600, length_guard: bool = True) -> Iterator[Server]:
+    """Run ``factorlm serve`` on a free port with an API key; yield once /health answers, stop on exit.
+
+    ``length_guard=False`` runs the same server through :func:`serve_without_length_guard` instead, so
+    that every prompt is tokenized (to measure what tokenizing a huge prompt costs).
+    """
     import httpx
 
+    if threading.current_thread() is threading.main_thread():  # a killed run still stops its server
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     port, key = free_port(), secrets.token_hex(8)
     args = ["--engine", engine, "--served-model-name", model, "--threads", str(threads), *(extra or [])]
+    launcher = [sys.executable, "-m", "factorlm", "serve"] if length_guard else [sys.executable, __file__]
+    shown = "factorlm serve" if length_guard else "python benchmarks/_serving.py (factorlm serve, length guard off)"
     with tempfile.NamedTemporaryFile("w+b", prefix="factorlm-serve-", suffix=".log") as log:
-        process = subprocess.Popen([sys.executable, "-m", "factorlm", "serve", str(folder), *args, "--port", str(port),
-                                    "--api-key", key],
+        process = subprocess.Popen([*launcher, str(folder), *args, "--port", str(port), "--api-key", key],
                                    stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
@@ -128,7 +137,7 @@ def serve(folder: Path, engine: str, *, threads: int = 1, extra: list[str] | Non
                 if time.monotonic() > deadline:
                     raise SystemExit(f"the server did not become healthy in {startup_s:.0f} s")
                 time.sleep(0.2)
-            command = f"factorlm serve {display(folder)} {' '.join(args)} --api-key KEY"
+            command = f"{shown} {display(folder)} {' '.join(args)} --api-key KEY"
             yield Server(f"http://127.0.0.1:{port}", process.pid, key, model, command)
         finally:
             process.terminate()
@@ -150,3 +159,31 @@ def write_result(out: Path, result: dict[str, Any], markdown: str) -> None:
         tmp = out.with_name(out.name + suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(out.with_name(out.name + suffix))
+
+
+def serve_without_length_guard(argv: list[str]) -> int:
+    """``factorlm serve`` with the same flags, except that the app tokenizes every prompt (no length guard)."""
+    import argparse
+
+    from factorlm.cli import serve as cli_serve
+    from factorlm.serving.app import create_app
+    from factorlm.serving.engines import EngineOptions, create_engine
+    from factorlm.serving.limits import MIB, HttpLimits
+    from factorlm.serving.server import uvicorn_server
+
+    parser = argparse.ArgumentParser()
+    cli_serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", *argv])
+    limits = HttpLimits(max_body_bytes=int(args.max_body_mib * MIB), body_timeout_s=args.body_timeout,
+                        header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout)
+    options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                            served_model_name=args.served_model_name, threads=args.threads)
+    engine = create_engine(args.engine, Path(args.model), options)
+    app = create_app(engine, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit, limits=limits,
+                     length_guard=False)
+    uvicorn_server(app, args.host, args.port, limits).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_without_length_guard(sys.argv[1:]))

@@ -33,18 +33,25 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 class GatedTokenizer:
-    """The tiny tokenizer, except that encoding a text containing BLOCK waits for ``gate`` (or raises, if set to)."""
+    """The tiny tokenizer, except that encoding a text containing BLOCK waits for ``gate`` (or raises, if set to).
+
+    Both ways the server may encode are gated: calling the tokenizer and its Rust backend's encode_batch.
+    """
 
     def __init__(self, tokenizer, fail: bool = False) -> None:
         self._tokenizer, self.fail = tokenizer, fail
         self.entered, self.gate = threading.Event(), threading.Event()
+        self.backend_tokenizer = _GatedBackend(tokenizer.backend_tokenizer, self)
 
-    def __call__(self, text, *args, **kwargs):
-        if "BLOCK" in text:
+    def wait_if_blocked(self, texts) -> None:
+        if any("BLOCK" in t for t in texts):
             if self.fail:
                 raise RuntimeError("tokenizer exploded")
             self.entered.set()
             self.gate.wait(timeout=30)
+
+    def __call__(self, text, *args, **kwargs):
+        self.wait_if_blocked([text])
         return self._tokenizer(text, *args, **kwargs)
 
     def __len__(self) -> int:
@@ -52,6 +59,18 @@ class GatedTokenizer:
 
     def __getattr__(self, name):
         return getattr(self._tokenizer, name)
+
+
+class _GatedBackend:
+    def __init__(self, backend, owner: GatedTokenizer) -> None:
+        self._backend, self._owner = backend, owner
+
+    def encode_batch(self, texts, *args, **kwargs):
+        self._owner.wait_if_blocked(texts)
+        return self._backend.encode_batch(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +332,25 @@ def test_chars_per_token_bound_holds_for_hostile_texts(arch):
              "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(5000)), "The quick brown fox " * 300]
     for text in texts:
         assert len(text) / len(tokenizer(text).input_ids) <= bound
+
+
+def test_prompt_encoder_gives_the_tokenizers_ids_and_refuses_long_prompts(tiny):
+    from factorlm.serving.errors import APIError
+    from factorlm.serving.tokenize import PromptEncoder
+
+    _, tokenizer = tiny
+    encoder = PromptEncoder(tokenizer, 64)
+    assert encoder.backend is not None and encoder.chars_per_token == 12
+    for text in ["The quick brown fox", " spaces  and\ttabs\n", "<|im_start|>user", "caf\u00e9"]:
+        for add in (True, False):
+            assert encoder.encode(text, add) == tokenizer(text, add_special_tokens=add).input_ids
+    with pytest.raises(APIError, match="has 129 input tokens"):  # counted before the ids become a list
+        encoder.encode("fox " * 64)
+    with pytest.raises(APIError, match="at least 67 input tokens"):  # refused without tokenizing
+        encoder.encode("x" * 800)
+    unguarded = PromptEncoder(tokenizer, 64, length_guard=False)
+    with pytest.raises(APIError, match="has 1600 input tokens"):
+        unguarded.encode("x " * 800)
 
 
 def test_no_bound_for_tokenizers_that_drop_text():

@@ -32,7 +32,7 @@ def create_app(engine: Any, *, api_key: str | None = None, max_tokens_limit: int
     """The app for ``engine``; the engine is started on startup and stopped on shutdown.
 
     ``length_guard=False`` tokenizes every prompt, even one that cannot fit the context
-    (see :class:`~factorlm.serving.tokenize.LengthGuard`; benchmarks use it).
+    (see :class:`~factorlm.serving.tokenize.PromptEncoder`; benchmarks use it).
     """
     metrics = ServerMetrics(engine)
     pool = TokenizerPool(tokenizer_threads)

@@ -29,7 +29,7 @@ from .errors import APIError
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, unsupported
 from .streaming import SSEResponse, stream_events
-from .tokenize import NO_GUARD, LengthGuard, TokenizerPool, split_prompts, tokenize_chat, tokenize_prompts
+from .tokenize import PromptEncoder, TokenizerPool, split_prompts, tokenize_chat, tokenize_prompts
 
 RETRY_AFTER_S = 1
 Build = Callable[[str, int, list[fmt.Choice], int], dict[str, Any]]
@@ -45,7 +45,7 @@ class OpenAIServing:
     def __init__(self, engine: Engine, metrics: ServerMetrics, pool: TokenizerPool, *,
                  max_tokens_limit: int | None = None, length_guard: bool = True) -> None:
         self.engine, self.metrics, self.pool, self.max_tokens_limit = engine, metrics, pool, max_tokens_limit
-        self.guard = LengthGuard.for_tokenizer(engine.tokenizer, engine.max_model_len) if length_guard else NO_GUARD
+        self.encoder = PromptEncoder(engine.tokenizer, engine.max_model_len, length_guard=length_guard)
 
     # ---- GET ------------------------------------------------------------------------------------
     def health(self) -> JSONResponse:
@@ -69,7 +69,7 @@ class OpenAIServing:
             raise APIError(400, "this engine does not return logprobs", "logprobs")
         prompts = split_prompts(req.prompt)
         self.check_fits(req.n or 1, len(prompts))
-        ids = await self.pool.run(tokenize_prompts, prompts, self.engine.tokenizer, self.guard)
+        ids = await self.pool.run(tokenize_prompts, prompts, self.encoder)
         new = [fmt.resolve_max_tokens(req.max_tokens, 16, len(p), self.engine.max_model_len, self.max_tokens_limit,
                                       "max_tokens") for p in ids]
         handles = self.submit(fmt.engine_requests(req, ids, new, req.logprobs))
@@ -87,7 +87,7 @@ class OpenAIServing:
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise APIError(400, "set max_completion_tokens or max_tokens, not both", "max_completion_tokens")
         self.check_fits(req.n or 1, 1)
-        ids = await self.pool.run(tokenize_chat, req, self.engine.tokenizer, self.guard)
+        ids = await self.pool.run(tokenize_chat, req, self.encoder)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         new = fmt.resolve_max_tokens(req.max_completion_tokens or req.max_tokens, None, len(ids),
                                      self.engine.max_model_len, self.max_tokens_limit, param)

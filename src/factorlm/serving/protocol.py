@@ -24,6 +24,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def lone_surrogate(text: str) -> int:
     """Index of the first lone surrogate in ``text``, or -1."""
+    if text.isascii():  # the common case, and much faster than the search on a long prompt
+        return -1
     found = _SURROGATE.search(text)
     return -1 if found is None else found.start()
 

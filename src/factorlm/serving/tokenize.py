@@ -7,7 +7,7 @@ GIL while they encode), and ``/health`` and running streams keep flowing meanwhi
 
 Most of that work is for prompts that cannot fit anyway: a 4 MB prompt is ~1M tokens and
 takes ~10 s and ~700 MB to tokenize, for a context of a few thousand tokens.
-:class:`LengthGuard` refuses them first: when a tokenizer never drops text (checked from
+:class:`PromptEncoder` refuses them first: when a tokenizer never drops text (checked from
 its normalizer, pre-tokenizer and model), no token stands for more characters than its
 longest vocabulary entry, so a text of C characters has at least C / that many tokens.
 Tokenizers for which this does not hold (WordPiece, fused unknowns, whitespace-dropping
@@ -22,7 +22,6 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import APIError
@@ -69,29 +68,57 @@ def max_chars_per_token(tokenizer: Any) -> float | None:
     return float(longest * slack)
 
 
-@dataclass(frozen=True)
-class LengthGuard:
-    """Refuses a text that must have at least ``context`` tokens, without tokenizing it."""
-
-    context: int
-    chars_per_token: float | None  # None: no bound for this tokenizer, nothing is refused early
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Any, context: int) -> LengthGuard:
-        bound = max_chars_per_token(tokenizer)
-        log.debug("length guard: at most %s characters per token", bound)
-        return cls(context, bound)
-
-    def check(self, text: str) -> None:
-        if self.chars_per_token is None or len(text) < self.context * self.chars_per_token:
-            return
-        at_least = math.ceil(len(text) / self.chars_per_token)
-        raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your request "
-                       f"has at least {at_least} input tokens ({len(text)} characters, at most "
-                       f"{self.chars_per_token:g} per token), which leaves no room for output.", "input_tokens")
+PROBES = ("Hello, world! 123", " leading space\n\ttabs  and  spaces", "caf\u00e9 \u4e2d\u6587 \U0001f600")
 
 
-NO_GUARD = LengthGuard(0, None)
+def _same_ids_backend(tokenizer: Any) -> Any:
+    """The fast tokenizer's Rust backend if it gives exactly ``tokenizer(text).input_ids`` on probe texts, else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    special = [t for t in (getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None)) if t]
+    try:
+        for text in (*PROBES, " ".join(special) + " x"):
+            for add in (True, False):
+                if tokenizer(text, add_special_tokens=add).input_ids != backend.encode_batch(
+                        [text], add_special_tokens=add)[0].ids:
+                    return None
+    except Exception:  # any tokenizer that does not behave like a fast one takes the ordinary path
+        return None
+    return backend
+
+
+class PromptEncoder:
+    """Text to token ids for one tokenizer and context, refusing texts that cannot fit as early as possible.
+
+    First the characters-per-token bound (no tokenizing at all), then the token count of
+    the Rust encoding before its ids become a Python list (building a list of a million
+    ids holds the GIL for a noticeable time). Either way the error is the same 400
+    (``param: input_tokens``) that a merely too long prompt gets.
+    """
+
+    def __init__(self, tokenizer: Any, context: int, *, length_guard: bool = True) -> None:
+        self.tokenizer, self.context = tokenizer, context
+        self.chars_per_token = max_chars_per_token(tokenizer) if length_guard else None
+        self.backend = _same_ids_backend(tokenizer)
+        log.debug("prompt encoder: at most %s characters per token; Rust backend: %s", self.chars_per_token,
+                  self.backend is not None)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.chars_per_token is not None and len(text) >= self.context * self.chars_per_token:
+            at_least = math.ceil(len(text) / self.chars_per_token)
+            raise self.too_long(f"at least {at_least} input tokens ({len(text)} characters, at most "
+                                f"{self.chars_per_token:g} per token)")
+        if self.backend is None:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        encoding = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        if len(encoding) >= self.context:
+            raise self.too_long(f"{len(encoding)} input tokens")
+        return encoding.ids
+
+    def too_long(self, what: str) -> APIError:
+        return APIError(400, f"This model's maximum context length is {self.context} tokens. However, your request "
+                        f"has {what}, which leaves no room for output.", "input_tokens")
 
 
 def split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
@@ -107,14 +134,12 @@ def split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list
     return prompts
 
 
-def tokenize_prompts(prompts: list[Prompt], tokenizer: Any, guard: LengthGuard = NO_GUARD) -> list[list[int]]:
+def tokenize_prompts(prompts: list[Prompt], encoder: PromptEncoder) -> list[list[int]]:
     """The token ids of each prompt (strings are tokenized, id lists range-checked)."""
     out: list[list[int]] = []
-    vocab = len(tokenizer)
+    vocab = len(encoder.tokenizer)
     for p in prompts:
-        if isinstance(p, str):
-            guard.check(p)
-        ids = tokenizer(p).input_ids if isinstance(p, str) else list(p)
+        ids = encoder.encode(p) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", "prompt")
         if not isinstance(p, str) and any(i < 0 or i >= vocab for i in ids):
@@ -123,14 +148,14 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer: Any, guard: LengthGuard =
     return out
 
 
-def tokenize_chat(req: ChatCompletionRequest, tokenizer: Any, guard: LengthGuard = NO_GUARD) -> list[int]:
+def tokenize_chat(req: ChatCompletionRequest, encoder: PromptEncoder) -> list[int]:
     """Token ids of the conversation rendered with the tokenizer's chat template."""
+    tokenizer = encoder.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    guard.check(text)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return encoder.encode(text, add_special_tokens=False)
 
 
 class TokenizerPool:
