@@ -74,6 +74,16 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def environment() -> dict[str, Any]:
+    """What the numbers depend on: CPU count, this process's niceness (the servers inherit it), load."""
+    return {"cpus": os.cpu_count(), "niceness": os.nice(0), "loadavg_start": loadavg()}
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    return (f"Machine: {env['cpus']} CPU cores, shared with other jobs; clients and servers at niceness "
+            f"{env['niceness']}; load average (1, 5, 15 min) at start {env['loadavg_start']}.")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

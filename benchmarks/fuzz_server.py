@@ -38,7 +38,7 @@ import _serving  # noqa: E402
 
 UNSUPPORTED = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "echo", "suffix",
                "best_of", "tools", "tool_choice", "response_format", "parallel_tool_calls")
-MAX_BATCH, MAX_TOKENS_LIMIT, BODY_TIMEOUT, HEADER_TIMEOUT = 16, 16, 2.0, 2.0
+MAX_BATCH, MAX_TOKENS_LIMIT, BODY_TIMEOUT, HEADER_TIMEOUT = 16, 8, 2.0, 2.0
 
 
 def adjust(body: dict[str, Any], how: str, model: str) -> None:
@@ -125,7 +125,8 @@ def fuzz_engine(engine: str, folder: Path, args: argparse.Namespace) -> dict[str
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Server fuzz ({result['date']})", "", f"Command: `{result['command']}`", "",
-             f"Model: {result['model']}. Python {result['python']}, one thread per server.", ""]
+             f"Model: {result['model']}. Python {result['python']}, one thread per server.", "",
+             _serving.environment_line(result["environment"]), ""]
     for run in result["engines"]:
         lines += [f"## `--engine {run['engine']}`", "", f"Server: `{run['serve_command']}`", "",
                   f"- cases: **{run['total_cases']}**; 5xx seen by clients: **{run['count_5xx']}**; "
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="server threads")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving_fuzz")
     args = parser.parse_args(argv)
+    env = _serving.environment()
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="factorlm-fuzz-") as tmp:
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             served = _serving.onnx_export(folder, Path(tmp), args.threads) if engine == "onnx" else folder
             runs.append(fuzz_engine(engine, served, args))
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": label,
+              "environment": env,
               "python": platform.python_version(), "examples": args.examples, "seed": args.seed,
               "command": "python benchmarks/fuzz_server.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "engines": runs}

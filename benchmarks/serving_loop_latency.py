@@ -125,7 +125,8 @@ async def measure(server: _serving.Server, baseline_s: float) -> list[dict[str, 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Event loop under 4 MB prompts ({result['date']})", "", f"Command: `{result['command']}`", "",
              f"Model: {result['model']}; one thread per server. /health is polled back to back (10 ms apart) "
-             f"while one greedy stream runs; target: every /health round trip < {TARGET_MS:.0f} ms.", ""]
+             f"while one greedy stream runs; target: every /health round trip < {TARGET_MS:.0f} ms.", "",
+             _serving.environment_line(result["environment"]), ""]
     for run in result["runs"]:
         lines += [f"## `--engine {run['engine']}`, length guard {'on' if run['length_guard'] else 'off'}", "",
                   f"Server: `{run['serve_command']}`; load average at start {run['loadavg_start']}, "
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving_loop_latency")
     args = parser.parse_args(argv)
+    env = _serving.environment()
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="factorlm-loop-") as tmp:
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "loadavg_start": load_start, "loadavg_end": _serving.loadavg(), "phases": phases})
     worst = max(p["health_ms"].get("max", 0.0) for r in runs for p in r["phases"])
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": label,
+              "environment": env,
               "command": "python benchmarks/serving_loop_latency.py " + " ".join(argv if argv is not None
                                                                                  else sys.argv[1:]),
               "prompt_bytes": PROMPT_BYTES, "target_ms": TARGET_MS, "worst_health_ms": worst,

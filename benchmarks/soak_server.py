@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tolerance-mib", type=float, default=16.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving_soak")
     args = parser.parse_args(argv)
+    env = _serving.environment()
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="factorlm-soak-") as tmp:
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{engine}: {run['completed']} requests, {run['errors']} errors, RSS growth "
                   f"{run['rss_growth_mib']:+.1f} MiB", flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": label,
+              "environment": env,
               "clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup, "threads": args.threads,
               "command": "python benchmarks/soak_server.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "engines": runs}
