@@ -175,6 +175,18 @@ def test_connections_that_never_finish_their_headers_are_closed(served, head):
         assert s.recv(65536) == b""  # closed by the server (LIMITS.header_timeout_s = 1 s), not by our 10 s timeout
 
 
+def test_a_keep_alive_connection_that_starts_a_head_and_stalls_is_closed(served):
+    url, _ = served
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b'"ok"' not in answer:
+            answer += s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished; keep-alive (5 s) is not armed now
+        assert s.recv(65536) == b""  # closed by the 1 s head deadline (a 10 s socket timeout would raise)
+
+
 def test_requests_that_can_never_fit_are_400_not_429(served):
     url, _ = served
     cases = [({**OK, "n": 5}, "n"), ({**OK, "prompt": ["a", "b", "c", "d", "e"]}, "prompt"),

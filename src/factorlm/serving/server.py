@@ -10,6 +10,7 @@ body time are bounded by the app's outermost layer (:mod:`factorlm.serving.middl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -26,6 +27,8 @@ def bounded_h11_protocol(header_timeout_s: float) -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class BoundedH11Protocol(H11Protocol):
+        head_deadline: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm_head_deadline()
@@ -34,9 +37,16 @@ def bounded_h11_protocol(header_timeout_s: float) -> type:
             super().on_response_complete()
             self._arm_head_deadline()
 
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            super().connection_lost(exc)
+
         def _arm_head_deadline(self) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
             if not self.transport.is_closing():
-                self.loop.call_later(header_timeout_s, self._head_deadline, self.cycle)
+                self.head_deadline = self.loop.call_later(header_timeout_s, self._head_deadline, self.cycle)
 
         def _head_deadline(self, armed: Any) -> None:
             # no new request began since the deadline was armed (and none is being answered): close
