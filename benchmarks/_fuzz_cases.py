@@ -27,6 +27,7 @@ class Recorder:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.failures: list[dict[str, Any]] = []
         self.notes: dict[str, Any] = {}
+        self.reasons: collections.Counter[str] = collections.Counter()
         self.total = self.count_5xx = self.broken = 0
 
     def add(self, family: str, case: str, outcome: int | str, request: Any = None, response: str = "") -> None:
@@ -41,7 +42,8 @@ class Recorder:
 
     def summary(self) -> dict[str, Any]:
         return {"total_cases": self.total, "count_5xx": self.count_5xx, "connections_broken": self.broken,
-                "outcomes": dict(sorted(self.outcomes.items())), "failures": self.failures, "notes": self.notes}
+                "outcomes": dict(sorted(self.outcomes.items())), "failures": self.failures, "notes": self.notes,
+                "clean_positive_4xx_reasons": dict(self.reasons.most_common(15))}
 
 
 def healthy(server: _serving.Server) -> bool:
@@ -269,6 +271,7 @@ def transport_cases(server: _serving.Server, body_timeout: float, header_timeout
         "headers, unfinished": ([health], 0.0, header_timeout),
         "headers, silent connection": ([b""], 0.0, header_timeout),
         "headers, 100 KiB": ([health + b"X-Big: " + b"a" * 100 * 1024 + b"\r\n\r\n"], 0.0, None),
+        "headers, 1 MiB": ([health + b"X-Big: " + b"a" * MIB + b"\r\n\r\n"], 0.0, None),
         "headers, 2000 of them": ([health + b"".join(b"X-%d: v\r\n" % i for i in range(2000)) + b"\r\n"], 0.0, None),
         "request line, invalid": ([b"GARBAGE\r\n\r\n"], 0.0, None),
         "HTTP/1.0 GET": ([b"GET /health HTTP/1.0\r\n\r\n"], 0.0, None),
