@@ -365,6 +365,30 @@ def test_prompt_encoder_gives_the_tokenizers_ids_and_refuses_long_prompts(tiny):
         unguarded.encode("x " * 800)
 
 
+def _bpe_tokenizer(configure):
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2, "\u2581": 3}, [("a", "b")]))
+    configure(backend, normalizers, pre_tokenizers, AddedToken)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.mark.parametrize("name,configure,bound", [
+    ("plain BPE", lambda t, n, p, a: None, 2.0),
+    ("metaspace replace", lambda t, n, p, a: setattr(t, "normalizer", n.Replace(" ", "\u2581")), 2.0),
+    ("NFC", lambda t, n, p, a: setattr(t, "normalizer", n.NFC()), 8.0),
+    ("shrinking replace", lambda t, n, p, a: setattr(t, "normalizer", n.Replace("  ", " ")), None),
+    ("strip", lambda t, n, p, a: setattr(t, "normalizer", n.Strip()), None),
+    ("whitespace pre-tokenizer", lambda t, n, p, a: setattr(t, "pre_tokenizer", p.Whitespace()), None),
+    ("lstrip added token", lambda t, n, p, a: t.add_special_tokens([a("<m>", lstrip=True)]), None),
+])
+def test_chars_per_token_bound_only_for_tokenizers_that_keep_all_text(name, configure, bound):
+    from factorlm.serving.tokenize import max_chars_per_token
+
+    assert max_chars_per_token(_bpe_tokenizer(configure)) == bound
+
+
 def test_no_bound_for_tokenizers_that_drop_text():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -57,8 +57,13 @@ def max_chars_per_token(tokenizer: Any) -> float | None:
         return None
     if any(n["type"] not in _KEEPS_TEXT_NORMALIZERS | _COMPOSING_NORMALIZERS for n in normalizers):
         return None
-    if any(n["type"] == "Replace" and not n.get("content") for n in normalizers):
-        return None  # replacing with "" deletes text
+    for n in normalizers:  # Replace may only swap a fixed string for one at least as long (" " -> "\u2581")
+        pattern = n.get("pattern") or {}
+        if n["type"] == "Replace" and not (isinstance(pattern.get("String"), str)
+                                           and len(pattern["String"]) <= len(n.get("content") or "")):
+            return None
+    if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or []):
+        return None  # such a token swallows any run of whitespace beside it
     if any(p["type"] not in _KEEPS_TEXT_PRE_TOKENIZERS or str(p.get("behavior", "")).lower() == "removed" for p in pre):
         return None
     fused_unknowns = model.get("fuse_unk") or (model["type"] == "Unigram" and not model.get("byte_fallback"))
