@@ -84,9 +84,10 @@ def environment_line(env: dict[str, Any]) -> str:
             f"{env['niceness']}; load average (1, 5, 15 min) at start {env['loadavg_start']}.")
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of ``pid`` from /proc: ``VmRSS`` (all), ``RssAnon`` (heap: what a leak grows) or ``RssFile``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -191,7 +192,7 @@ def serve_without_length_guard(argv: list[str]) -> int:
     engine = create_engine(args.engine, Path(args.model), options)
     app = create_app(engine, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit, limits=limits,
                      length_guard=False)
-    uvicorn_server(app, args.host, args.port, limits).run()
+    uvicorn_server(app, args.host, args.port).run()
     return 0
 
 

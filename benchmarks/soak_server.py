@@ -4,10 +4,11 @@ For each engine the real CLI serves the model in its own process (so its RSS is 
 server's alone), with an API key and a served model name. Each client loops over
 completions and chat requests, streamed or not, greedy or seeded sampling, with the
 official async openai client. The server's RSS is sampled every few seconds. RSS swings
-with the running batch (its KV cache), so single samples say little: memory is "flat" (it
-does not grow) when the least-squares line through the samples after the warm-up rises by
-no more than the tolerance over the measured window; a falling line passes (first and
-last samples, minimum and maximum are reported too). Results:
+with the running batch (its KV cache), and the file-backed part (weights read from disk)
+shrinks when the host reclaims page cache, so single samples of the total say little:
+memory is "flat" (it does not grow) when the least-squares line through the heap
+(``RssAnon``) samples after the warm-up rises by no more than the tolerance over the
+measured window; a falling line passes. The total (``VmRSS``) is reported too. Results:
 JSON + Markdown under benchmarks/results/.
 
     python benchmarks/soak_server.py --model sample --engines torch onnx --clients 32 --warmup 90 --duration 390
@@ -67,16 +68,22 @@ async def client_loop(cid: int, client: Any, model: str, deadline: float, out: d
 async def soak(server: _serving.Server, clients: int, duration: float, sample_s: float) -> dict[str, Any]:
     import openai
 
-    out: dict[str, Any] = {"completed": 0, "tokens": 0, "errors": [], "latency_s": [], "ttft_s": [], "rss_mib": []}
+    out: dict[str, Any] = {"completed": 0, "tokens": 0, "errors": [], "latency_s": [], "ttft_s": [], "rss_mib": [],
+                           "anon_mib": []}
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=300)
     start = time.monotonic()
     deadline = start + duration
 
+    def sample() -> None:
+        t = round(time.monotonic() - start, 1)
+        out["rss_mib"].append((t, _serving.rss_mib(server.pid)))
+        out["anon_mib"].append((t, _serving.rss_mib(server.pid, "RssAnon")))
+
     async def sampler() -> None:
         while time.monotonic() < deadline:
-            out["rss_mib"].append((round(time.monotonic() - start, 1), _serving.rss_mib(server.pid)))
+            sample()
             await asyncio.sleep(sample_s)
-        out["rss_mib"].append((round(time.monotonic() - start, 1), _serving.rss_mib(server.pid)))
+        sample()
 
     await asyncio.gather(sampler(), *(client_loop(i, client, server.model, deadline, out) for i in range(clients)))
     out["wall_s"] = time.monotonic() - start
@@ -94,18 +101,24 @@ def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
     return 60 * sum((t - mt) * (r - mr) for t, r in zip(ts, rs)) / var if var else float("nan")
 
 
+def memory(samples: list[tuple[float, float]], warmup: float) -> dict[str, Any]:
+    """First, last, min, max and the trend of one memory series after the warm-up."""
+    after = [(t, r) for t, r in samples if t >= warmup] or samples
+    slope = slope_mib_per_min(after)
+    return {"after_warmup_mib": after[0][1], "end_mib": after[-1][1], "min_mib": min(r for _, r in after),
+            "max_mib": max(r for _, r in after), "last_minus_first_mib": after[-1][1] - after[0][1],
+            "slope_mib_per_min": slope, "trend_rise_mib": slope * (after[-1][0] - after[0][0]) / 60,
+            "window_s": after[-1][0] - after[0][0], "samples": samples}
+
+
 def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    rss = raw["rss_mib"]
-    after = [(t, r) for t, r in rss if t >= args.warmup] or rss
     lat = sorted(raw["latency_s"])
     ttft = sorted(x for x in raw["ttft_s"] if x == x)
 
     def pct(xs: list[float], p: float) -> float:
         return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
 
-    growth = after[-1][1] - after[0][1]
-    slope = slope_mib_per_min(after)
-    trend = slope * (after[-1][0] - after[0][0]) / 60 if slope == slope else float("nan")
+    rss, anon = memory(raw["rss_mib"], args.warmup), memory(raw["anon_mib"], args.warmup)
     return {
         "clients": args.clients, "duration_s": args.duration, "wall_s": raw["wall_s"],
         "completed": raw["completed"], "errors": len(raw["errors"]), "error_samples": raw["errors"][:10],
@@ -113,13 +126,13 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "output_throughput": raw["tokens"] / raw["wall_s"],
         "median_e2el_ms": 1000 * statistics.median(lat) if lat else None, "p99_e2el_ms": 1000 * pct(lat, 99),
         "median_ttft_ms": 1000 * statistics.median(ttft) if ttft else None, "p99_ttft_ms": 1000 * pct(ttft, 99),
-        "rss_after_warmup_mib": after[0][1], "rss_end_mib": after[-1][1], "rss_max_mib": max(r for _, r in rss),
-        "rss_growth_mib": growth, "rss_slope_mib_per_min": slope, "rss_trend_growth_mib": trend,
-        "rss_min_after_warmup_mib": min(r for _, r in after), "rss_max_after_warmup_mib": max(r for _, r in after),
-        "measured_window_s": after[-1][0] - after[0][0],
-        "rss_tolerance_mib": args.rss_tolerance_mib, "memory_flat": trend <= args.rss_tolerance_mib,
-        "rss_samples": rss,
+        "rss": rss, "anon": anon, "tolerance_mib": args.rss_tolerance_mib,
+        "memory_flat": anon["trend_rise_mib"] <= args.rss_tolerance_mib,
     }
+
+
+def _mem(m: dict[str, Any]) -> str:
+    return f"{m['after_warmup_mib']:.0f} / {m['end_mib']:.0f}, {m['min_mib']:.0f} / {m['max_mib']:.0f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -137,15 +150,12 @@ def markdown(result: dict[str, Any]) -> str:
         ("output tokens/s", lambda r: f"{r['output_throughput']:.1f}"),
         ("median / p99 E2E latency (ms)", lambda r: f"{r['median_e2el_ms']:.0f} / {r['p99_e2el_ms']:.0f}"),
         ("median / p99 TTFT, streamed (ms)", lambda r: f"{r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}"),
-        ("server RSS after warm-up / end / max (MiB)",
-         lambda r: f"{r['rss_after_warmup_mib']:.1f} / {r['rss_end_mib']:.1f} / {r['rss_max_mib']:.1f}"),
-        ("RSS min / max after warm-up (MiB)",
-         lambda r: f"{r['rss_min_after_warmup_mib']:.1f} / {r['rss_max_after_warmup_mib']:.1f}"),
-        ("last minus first sample after warm-up (MiB)", lambda r: f"{r['rss_growth_mib']:+.1f}"),
-        ("RSS trend after warm-up: slope (MiB/min), rise over the window (MiB)",
-         lambda r: f"{r['rss_slope_mib_per_min']:+.2f}, {r['rss_trend_growth_mib']:+.1f}"),
-        ("memory flat (trend rise <= tolerance)",
-         lambda r: f"**{r['memory_flat']}** (<= {r['rss_tolerance_mib']:g} MiB)"),
+        ("heap (RssAnon) after warm-up / end, min / max (MiB)", lambda r: _mem(r["anon"])),
+        ("heap trend after warm-up: slope (MiB/min), rise over the window (MiB)",
+         lambda r: f"{r['anon']['slope_mib_per_min']:+.2f}, {r['anon']['trend_rise_mib']:+.1f}"),
+        ("memory flat (heap trend rise <= tolerance)",
+         lambda r: f"**{r['memory_flat']}** (<= {r['tolerance_mib']:g} MiB)"),
+        ("all resident (VmRSS) after warm-up / end, min / max (MiB)", lambda r: _mem(r["rss"])),
         ("load average at start / end", lambda r: f"{r['loadavg_start']} / {r['loadavg_end']}"),
     ]
     lines += [f"| {name} | " + " | ".join(cell(r) for r in result["engines"]) + " |" for name, cell in rows]
@@ -181,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                            loadavg_end=_serving.loadavg(),
                            server_5xx=server.metric_sum("factorlm:http_requests_total", status="5*"))
             runs.append(run)
-            print(f"{engine}: {run['completed']} requests, {run['errors']} errors, RSS growth "
-                  f"{run['rss_growth_mib']:+.1f} MiB", flush=True)
+            print(f"{engine}: {run['completed']} requests, {run['errors']} errors, heap trend "
+                  f"{run['anon']['trend_rise_mib']:+.1f} MiB", flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": label,
               "environment": env,
               "clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup, "threads": args.threads,

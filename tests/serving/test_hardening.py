@@ -79,7 +79,7 @@ def served(tiny):
     model, tokenizer = tiny
     gated = GatedTokenizer(tokenizer)
     engine = TorchEngine(model, gated, model_name=MODEL, max_batch=4, max_queue=8)
-    with BackgroundServer(create_app(engine, max_tokens_limit=64, limits=LIMITS), limits=LIMITS) as url:
+    with BackgroundServer(create_app(engine, max_tokens_limit=64, limits=LIMITS)) as url:  # the app's limits
         yield url, gated
 
 

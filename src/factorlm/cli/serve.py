@@ -95,5 +95,5 @@ def run(args: argparse.Namespace) -> int:
     engine = create_engine(args.engine, path, options)
     app = create_app(engine, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit, limits=limits)
     print(f"factorlm: serving {engine.model_name!r} ({args.engine}) on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn_server(app, args.host, args.port, limits).run()
+    uvicorn_server(app, args.host, args.port).run()  # with the app's limits
     return 0

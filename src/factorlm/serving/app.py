@@ -31,6 +31,9 @@ def create_app(engine: Any, *, api_key: str | None = None, max_tokens_limit: int
                limits: HttpLimits | None = None, tokenizer_threads: int = 2, length_guard: bool = True) -> FastAPI:
     """The app for ``engine``; the engine is started on startup and stopped on shutdown.
 
+    ``limits`` bound bodies here and, through ``app.state.limits``, headers and keep-alive in
+    :func:`~factorlm.serving.server.uvicorn_server`.
+
     ``length_guard=False`` tokenizes every prompt, even one that cannot fit the context
     (see :class:`~factorlm.serving.tokenize.PromptEncoder`; benchmarks use it).
     """
@@ -46,8 +49,9 @@ def create_app(engine: Any, *, api_key: str | None = None, max_tokens_limit: int
         pool.shutdown()
 
     app = FastAPI(title="factorlm", version="1", lifespan=lifespan)
-    app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
-    app.add_middleware(ServerGuard, metrics=metrics, api_key=api_key, limits=limits or HttpLimits())
+    limits = limits or HttpLimits()
+    app.state.engine, app.state.metrics, app.state.serving, app.state.limits = engine, metrics, serving, limits
+    app.add_middleware(ServerGuard, metrics=metrics, api_key=api_key, limits=limits)
     add_error_handlers(app)
     app.include_router(build_router(serving))
     return app

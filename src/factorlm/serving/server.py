@@ -59,10 +59,13 @@ def bounded_h11_protocol(header_timeout_s: float) -> type:
 
 
 def uvicorn_server(app: Any, host: str = "127.0.0.1", port: int = 8000, limits: HttpLimits | None = None) -> Any:
-    """A uvicorn.Server for ``app`` (no access log: the metrics endpoint counts requests)."""
+    """A uvicorn.Server for ``app`` (no access log: the metrics endpoint counts requests).
+
+    ``limits`` default to the app's own (``app.state.limits``, set by ``create_app``).
+    """
     import uvicorn
 
-    limits = limits or HttpLimits()
+    limits = limits or getattr(getattr(app, "state", None), "limits", None) or HttpLimits()
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, http=bounded_h11_protocol(limits.header_timeout_s),
                             h11_max_incomplete_event_size=limits.max_header_bytes,
