@@ -105,7 +105,9 @@ def memory(samples: list[tuple[float, float]], warmup: float) -> dict[str, Any]:
     """First, last, min, max and the trend of one memory series after the warm-up."""
     after = [(t, r) for t, r in samples if t >= warmup] or samples
     slope = slope_mib_per_min(after)
+    late = [r for t, r in samples if t >= samples[-1][0] / 2] or [r for _, r in samples]
     return {"after_warmup_mib": after[0][1], "end_mib": after[-1][1], "min_mib": min(r for _, r in after),
+            "second_half_min_mib": min(late), "second_half_max_mib": max(late),
             "max_mib": max(r for _, r in after), "last_minus_first_mib": after[-1][1] - after[0][1],
             "slope_mib_per_min": slope, "trend_rise_mib": slope * (after[-1][0] - after[0][0]) / 60,
             "window_s": after[-1][0] - after[0][0], "samples": samples}
@@ -153,6 +155,8 @@ def markdown(result: dict[str, Any]) -> str:
         ("heap (RssAnon) after warm-up / end, min / max (MiB)", lambda r: _mem(r["anon"])),
         ("heap trend after warm-up: slope (MiB/min), rise over the window (MiB)",
          lambda r: f"{r['anon']['slope_mib_per_min']:+.2f}, {r['anon']['trend_rise_mib']:+.1f}"),
+        ("heap over the second half of the run, min / max (MiB)",
+         lambda r: f"{r['anon']['second_half_min_mib']:.0f} / {r['anon']['second_half_max_mib']:.0f}"),
         ("memory flat (heap trend rise <= tolerance)",
          lambda r: f"**{r['memory_flat']}** (<= {r['tolerance_mib']:g} MiB)"),
         ("all resident (VmRSS) after warm-up / end, min / max (MiB)", lambda r: _mem(r["rss"])),
