@@ -41,9 +41,10 @@ def endpoint(url: str | None, model: str | None, max_batch: int):
         yield url, model or "default"
         return
     from factorlm.serving.app import create_app
-    from factorlm.serving.server import BackgroundServer, torch_engine
+    from factorlm.serving.engines import EngineOptions, create_engine
+    from factorlm.serving.server import BackgroundServer
 
-    engine = torch_engine(model, max_batch=max_batch, served_model_name="bench")
+    engine = create_engine("torch", model, EngineOptions(max_batch=max_batch, served_model_name="bench"))
     with BackgroundServer(create_app(engine)) as local:
         yield local, "bench"
 

@@ -25,6 +25,10 @@ class EngineDeadError(FactorlmError):
     """The engine's worker stopped; no request can be served (HTTP 503)."""
 
 
+class NeverFitsError(FactorlmError):
+    """A request no idle engine could take (more sequences than ``max_batch``, longer than the context): HTTP 400."""
+
+
 @dataclass
 class TokenLogprob:
     """Log-probability of one generated token and of the ``top`` most likely alternatives."""
@@ -97,11 +101,16 @@ class Engine(Protocol):
 
     model_name: str
     max_model_len: int
+    max_batch: int
     tokenizer: Any
     supports_logprobs: bool
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises QueueFullError when the waiting queue is full. Call from the event loop."""
+
+    def submit_many(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue all of ``requests`` or none: NeverFitsError if they could never run together,
+        QueueFullError if they do not fit the queue now. Call from the event loop."""
 
     def stats(self) -> dict[str, int]:
         """Counters for /metrics: ``running``, ``waiting``, ``max_batch``, ``max_queue``."""

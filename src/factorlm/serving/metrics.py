@@ -1,7 +1,8 @@
 """Prometheus metrics of the server (names mirror vLLM's under the ``factorlm:`` prefix).
 
 Each app gets its own registry so that several servers (tests) can live in one process.
-Request counts are recorded per route template and status code by the ASGI middleware;
+Request counts and errors are recorded per route and status code by the outermost ASGI
+layer (:mod:`factorlm.serving.middleware`), which every response passes, 500s included;
 latencies and tokens by the request handlers; queue depth is read from the engine at
 scrape time.
 """
@@ -9,6 +10,7 @@ scrape time.
 from __future__ import annotations
 
 import resource
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -45,6 +47,18 @@ class ServerMetrics:
 
     def record_error(self, route: str, status: int, error_type: str) -> None:
         self.errors.labels(route=route, status=str(status), type=error_type).inc()
+
+    def observe_token(self, started: float, last: float) -> float:
+        """Record the time since ``last`` (TTFT when ``last == started``, else inter-token latency); the new ``last``."""
+        now = time.perf_counter()
+        (self.ttft if last == started else self.itl).observe(now - last)
+        return now
+
+    def record_finish(self, finish_reason: str | None, completion_tokens: int, started: float) -> None:
+        """A finished generation: end-to-end latency, reason and tokens."""
+        self.e2e.observe(time.perf_counter() - started)
+        self.success.labels(finished_reason=finish_reason or "unknown").inc()
+        self.generation_tokens.inc(completion_tokens)
 
     def render(self) -> bytes:
         """The text exposition format, with gauges refreshed from the engine."""

@@ -1,6 +1,6 @@
 """Turning validated API requests into engine requests, and engine events into OpenAI JSON.
 
-Pure functions of the request, the tokenizer and the collected events; no I/O here.
+Pure functions of the request, the token ids and the collected events; no I/O here.
 """
 
 from __future__ import annotations
@@ -12,61 +12,11 @@ from typing import Any
 
 from ..runtime.generate import SamplingParams
 from .engine import GenerationRequest, TokenEvent, TokenLogprob
+from .errors import APIError
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 
 SAMPLING_EPS = 1e-5
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error object."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "service_unavailable"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    @property
-    def type(self) -> str:
-        return self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def tokenize_prompts(req: CompletionRequest, tokenizer: Any) -> list[list[int]]:
-    """The token ids of each prompt of a completions request."""
-    prompt = req.prompt
-    if isinstance(prompt, str):
-        prompts: list[Any] = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
-    if not prompts:
-        raise APIError(400, "prompt must not be empty", "prompt")
-    out: list[list[int]] = []
-    vocab = len(tokenizer)
-    for p in prompts:
-        ids = tokenizer(p).input_ids if isinstance(p, str) else list(p)
-        if not ids:
-            raise APIError(400, "prompt must not be empty", "prompt")
-        if any(i < 0 or i >= vocab for i in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
-        out.append(ids)
-    return out
-
-
-def tokenize_chat(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
-    """Token ids of the conversation rendered with the tokenizer's chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int, max_model_len: int,
@@ -140,6 +90,27 @@ def chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
 
     return {"content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for _, t, lp in i.top]}
                         for i in items]}
+
+
+def completion_body(rid: str, created: int, choices: list[Choice], prompt_tokens: int, *, model: str,
+                    logprobs: bool) -> dict[str, Any]:
+    """The JSON body of a non-streamed text completion."""
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                         "logprobs": completion_logprobs(c.logprobs) if logprobs else None}
+                        for i, c in enumerate(choices)],
+            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices))}
+
+
+def chat_body(rid: str, created: int, choices: list[Choice], prompt_tokens: int, *, model: str,
+              logprobs: bool) -> dict[str, Any]:
+    """The JSON body of a non-streamed chat completion."""
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                         "logprobs": chat_logprobs(c.logprobs) if logprobs else None}
+                        for i, c in enumerate(choices)],
+            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices))}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

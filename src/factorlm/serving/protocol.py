@@ -4,16 +4,56 @@ Wrong types, out-of-range values and unknown fields are rejected (HTTP 400 with 
 named). Parameters that are part of the OpenAI API but that this server does not implement
 are accepted by the schema only so that :func:`unsupported` can reject them with a clear
 message instead of ignoring them silently.
+
+Every string, including the keys and values inside free-form objects, must be valid
+Unicode: JSON can spell a lone surrogate (``"\\ud800"``), which no tokenizer and no UTF-8
+encoder accepts, so it is refused here with the field named.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int:
+    """Index of the first lone surrogate in ``text``, or -1."""
+    if text.isascii():  # the common case, and much faster than the search on a long prompt
+        return -1
+    found = _SURROGATE.search(text)
+    return -1 if found is None else found.start()
+
+
+def _unicode(text: str) -> str:
+    at = lone_surrogate(text)
+    if at >= 0:
+        raise ValueError(f"invalid Unicode: lone surrogate U+{ord(text[at]):04X} at character {at}")
+    return text
+
+
+def _unicode_deep(value: Any) -> Any:
+    """Check every string inside a free-form JSON value, object keys included (iteratively: any depth)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _unicode(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+JSONObject = Annotated[dict[str, Any], AfterValidator(_unicode_deep)]
 
 
 class StreamOptions(BaseModel):
@@ -26,16 +66,16 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str
+    model: Text
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # an end-user identifier; it does not change the output
+    user: Text | None = None  # an end-user identifier; it does not change the output
     # vendor extensions that benchmark clients send (vLLM names)
     top_k: Annotated[int, Field(ge=-1)] | None = None
     ignore_eos: bool | None = None
@@ -44,28 +84,28 @@ class _Common(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Text, float] | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -80,9 +120,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[JSONObject] | None = None
+    tool_choice: Text | JSONObject | None = None
+    response_format: JSONObject | None = None
     parallel_tool_calls: bool | None = None
 
 

@@ -1,15 +1,22 @@
-"""Server-sent events for streamed completions and chat completions (OpenAI chunk format)."""
+"""Server-sent events for streamed completions and chat completions (OpenAI chunk format).
+
+:func:`stream_events` turns the engine's events into SSE chunks; :class:`SSEResponse` sends
+them and stops (so generation is cancelled) as soon as the client disconnects.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+from starlette.responses import StreamingResponse
+
 from . import openai_format as fmt
 from .engine import RequestHandle, TokenEvent
+from .errors import APIError
 from .metrics import ServerMetrics
 
 
@@ -39,8 +46,6 @@ async def stream_events(handles: list[RequestHandle], kind: str, rid: str, creat
                         prompt_tokens: int, include_usage: bool, metrics: ServerMetrics,
                         started: float) -> AsyncIterator[str]:
     """Interleave the events of all choices as SSE chunks; cancel every choice if the stream is closed early."""
-    from .app import record_finish
-
     queue: asyncio.Queue[tuple[int, TokenEvent | None]] = asyncio.Queue()
 
     async def pump(i: int, handle: RequestHandle) -> None:
@@ -64,18 +69,16 @@ async def stream_events(handles: list[RequestHandle], kind: str, rid: str, creat
                 continue
             if event.error is not None:
                 metrics.record_error("stream", 500, "server_error")
-                yield sse(fmt.APIError(500, event.error).body())
+                yield sse(APIError(500, event.error).body())
                 break
             if event.token_ids:
-                t = time.perf_counter()
-                (metrics.ttft if last[i] == started else metrics.itl).observe(t - last[i])
-                last[i] = t
+                last[i] = metrics.observe_token(started, last[i])
             choices[i].add(event)
             if event.text or event.finish_reason is not None:
                 yield sse(chunk(kind, rid, created, model, i, event, not sent[i], want_logprobs))
                 sent[i] = True
             if event.finish_reason is not None:
-                record_finish(metrics, choices[i], started)
+                metrics.record_finish(choices[i].finish_reason, choices[i].completion_tokens, started)
         else:
             if include_usage:
                 total = sum(c.completion_tokens for c in choices)
@@ -89,3 +92,30 @@ async def stream_events(handles: list[RequestHandle], kind: str, rid: str, creat
                 h.cancel()
         for t in tasks:
             t.cancel()
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that stops its body (and so cancels generation) as soon as the client disconnects."""
+
+    def __init__(self, body: AsyncIterator[str]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async with anyio.create_task_group() as group:
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass
+                group.cancel_scope.cancel()
+
+            async def listen() -> None:
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            group.start_soon(listen)
+        aclose = getattr(self.body_iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -21,7 +21,8 @@ import torch
 from ..runtime.format import FactorlmError
 from ..runtime.generate import SamplingParams, eos_token_ids, filter_logits, find_stop
 from . import batch_cache as bc
-from .engine import EngineDeadError, GenerationRequest, QueueFullError, RequestHandle, TokenEvent, TokenLogprob
+from .engine import (EngineDeadError, GenerationRequest, NeverFitsError, QueueFullError, RequestHandle, TokenEvent,
+                     TokenLogprob)
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +92,32 @@ class TorchEngine:
     # ---- event-loop side -------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request (call from the event loop); QueueFullError when the queue is full."""
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue all of ``requests`` or none (see :meth:`Engine.submit_many`)."""
         import asyncio
 
         if not self.alive():
             raise EngineDeadError("the engine worker is not running")
-        total = len(request.prompt_ids) + request.params.max_new_tokens
-        if not request.prompt_ids or total > self.max_model_len:
-            raise FactorlmError(f"prompt of {len(request.prompt_ids)} tokens plus {request.params.max_new_tokens} "
-                                f"new tokens does not fit the context of {self.max_model_len}")
-        handle = RequestHandle(request, asyncio.get_running_loop())
+        if len(requests) > self.max_batch:
+            raise NeverFitsError(f"{len(requests)} sequences in one request, but this server runs at most "
+                                 f"{self.max_batch} together (--max-batch)")
+        for request in requests:
+            total = len(request.prompt_ids) + request.params.max_new_tokens
+            if not request.prompt_ids or total > self.max_model_len:
+                raise NeverFitsError(f"prompt of {len(request.prompt_ids)} tokens plus "
+                                     f"{request.params.max_new_tokens} new tokens does not fit the context of "
+                                     f"{self.max_model_len}")
+        loop = asyncio.get_running_loop()
+        handles = [RequestHandle(request, loop) for request in requests]
         with self._cond:
             free_slots = max(0, self.max_batch - len(self._running) - self._admitting)
-            if len(self._waiting) - free_slots >= self.max_queue:
+            if len(self._waiting) + len(handles) - free_slots > self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._waiting.append(handle)
+            self._waiting.extend(handles)
             self._cond.notify()
-        return handle
+        return handles
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self._running) + self._admitting, "waiting": len(self._waiting),

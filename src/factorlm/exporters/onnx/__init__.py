@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_onnx", "OnnxGenerator", "load_onnx_engine", "create_engine", "OrtCausalLM"]
+__all__ = ["export_onnx", "OnnxGenerator", "load_onnx_engine", "OrtCausalLM"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
         from . import generator
 
         return getattr(generator, name)
-    if name in ("create_engine", "OrtCausalLM"):
+    if name == "OrtCausalLM":
         from . import serving
 
         return getattr(serving, name)

@@ -1,18 +1,16 @@
-"""The server's onnx engine: the continuous-batching scheduler of the torch engine, with ONNX
-Runtime doing the forward passes.
+"""A transformers-style causal LM over an exported ONNX graph, for the server's onnx engine.
 
-``OrtCausalLM`` answers the small part of the transformers model interface the scheduler
-uses (``model(input_ids=..., attention_mask=..., position_ids=..., past_key_values=cache,
-use_cache=True, logits_to_keep=...)`` returning ``.logits``, plus ``config`` and
-``generation_config``). The ``DynamicCache`` holds torch views of the ONNX presents, so the
-scheduler's row merging and dropping work unchanged. On CPU, numpy/torch conversions of the
-cache are zero-copy.
+The server (``factorlm.serving.engines``, engine "onnx") runs its continuous-batching
+scheduler over this module; nothing here imports the server. ``OrtCausalLM`` answers the
+small part of the transformers model interface the scheduler uses (``model(input_ids=...,
+attention_mask=..., position_ids=..., past_key_values=cache, use_cache=True,
+logits_to_keep=...)`` returning ``.logits``, plus ``config`` and ``generation_config``).
+The ``DynamicCache`` holds torch views of the ONNX presents, so the scheduler's row merging
+and dropping work unchanged. On CPU, numpy/torch conversions of the cache are zero-copy.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -71,16 +69,3 @@ class OrtCausalLM(nn.Module):
                 keys, values = (torch.from_numpy(outputs[1 + 2 * i]), torch.from_numpy(outputs[2 + 2 * i]))
                 past_key_values.update(keys[:, :, past_len:], values[:, :, past_len:], i)
         return SimpleNamespace(logits=logits.float(), past_key_values=past_key_values)
-
-
-def create_engine(onnx_dir: str | os.PathLike, *, max_batch: int = 16, max_queue: int = 64,
-                  max_model_len: int | None = None, served_model_name: str | None = None,
-                  threads: int | None = None) -> Any:
-    """A continuous-batching serving engine (``TorchEngine`` scheduler) over an exported folder."""
-    from ...serving.torch_engine import TorchEngine
-
-    generator = OnnxGenerator(onnx_dir, threads=threads, device="cpu")
-    model = OrtCausalLM(generator)
-    name = served_model_name or Path(onnx_dir).name
-    return TorchEngine(model, generator.tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue,
-                       max_model_len=max_model_len)

@@ -1,0 +1,80 @@
+"""Imports point down: exporters never import the server, and the server's modules form no cycle.
+
+Read from the source (every ``import`` statement, function-level ones included), so a lazy
+import inside a function counts as much as one at the top of a module.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import factorlm
+
+SRC = Path(factorlm.__file__).resolve().parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of the factorlm modules that ``path`` imports (relative imports resolved)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            found.add(prefix)
+            found.update(f"{prefix}.{alias.name}" for alias in node.names)
+    return {name for name in found if name == "factorlm" or name.startswith("factorlm.")}
+
+
+def test_imports_of_resolves_relative_imports():
+    engines = imports_of(SRC / "serving" / "engines.py")
+    assert "factorlm.exporters.onnx.serving" in engines and "factorlm.serving.torch_engine" in engines
+
+
+def test_exporters_never_import_serving():
+    offenders = {f"{_module_name(p)} -> {name}" for p in sorted((SRC / "exporters").rglob("*.py"))
+                 for name in imports_of(p) if name == "factorlm.serving" or name.startswith("factorlm.serving.")}
+    assert not offenders, sorted(offenders)
+
+
+def test_serving_modules_have_no_import_cycle():
+    modules = {_module_name(p): p for p in (SRC / "serving").glob("*.py")}
+    graph = {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+    graph["factorlm.serving"] = set()  # the package's lazy __init__ maps names; it is not an edge
+    assert "factorlm.serving.app" not in graph["factorlm.serving.streaming"]
+    assert "factorlm.serving.streaming" not in graph["factorlm.serving.app"]
+
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join(trail + [node, nxt])
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_importing_the_onnx_exporter_loads_no_server_module():
+    code = ("import sys, factorlm.exporters.onnx.serving, factorlm.exporters.onnx.generator; "
+            "print(sorted(m for m in sys.modules if m.startswith('factorlm.serving')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"
