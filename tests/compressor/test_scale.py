@@ -107,3 +107,32 @@ def test_save_uses_umask_permissions_and_removes_a_stale_partial(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+
+
+def test_cli_dtype_and_shard_flags(tmp_path, capsys):
+    from factorlm.cli import main
+
+    src = _source(tmp_path / "src", torch.float16)
+    out = tmp_path / "out"
+    assert main(["compress", str(src), "-o", str(out), "--keep", "0.6", "--dtype", "bf16",
+                 "--max-shard-size", "20KB", "--no-progress"]) == 0
+    assert (out / "model.safetensors.index.json").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["factor_dtype"] == "bfloat16"
+    assert main(["inspect", "--verify", str(out)]) == 0  # the header checks read every shard
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(src), "-o", str(tmp_path / "bad"), "--max-shard-size", "5XB"])
+    assert exc.value.code == 2 and "--max-shard-size" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_compress_of_a_bf16_source_matches_cpu(tmp_path):
+    """--device cuda: the fp32 math runs on the GPU, the bf16 checkpoint matches the CPU one."""
+    src = _source(tmp_path / "src", torch.bfloat16)
+    paths = {}
+    for device in ("cpu", "cuda"):
+        paths[device], _ = compress_checkpoint(src, tmp_path / device, CompressionRecipe(keep=0.6, device=device),
+                                               progress=False)
+    assert json.loads((paths["cuda"] / "config.json").read_text())["quantization_config"]["factor_dtype"] == "bfloat16"
+    got, want = _logits(paths["cuda"]), _logits(paths["cpu"])
+    assert ((got - want).norm() / want.norm()).item() < 0.02
