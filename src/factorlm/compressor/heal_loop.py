@@ -125,7 +125,7 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
                 target = teacher_target(mine)
                 loss = kl_to_teacher(logits, target[1]) if target[0] == "full" else topk_kl(logits, *target[1:])
                 (loss / accum).backward()
-            total += float(loss) / accum
+            total += float(loss.detach()) / accum
         if cfg.clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
