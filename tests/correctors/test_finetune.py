@@ -108,7 +108,8 @@ def test_cli_runs_end_to_end(pair, tmp_path, capsys):
 def test_default_draws_one_distinct_training_window_per_step():
     ids = torch.arange(5000)
     cfg = FinetuneConfig(steps=30, seq_len=16, held_out=2)
-    assert cfg.samples == 30
+    assert cfg.windows_needed(1) == 30
+    assert FinetuneConfig(steps=30, batch_size=2, grad_accum=3).windows_needed(2) == 30 * 12
     train, _ = split_windows(ids, cfg, "t")
     assert train.shape == (30, 16) and len({int(r[0]) for r in train}) == 30
-    assert FinetuneConfig(steps=30, samples=8).samples == 8
+    assert FinetuneConfig(steps=30, samples=8).windows_needed(4) == 8

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from .common import (check_context, check_output, input_path, int_at_least, positive_float, positive_int,
+from .common import (check_context, check_output, device_type, input_path, int_at_least, positive_float, positive_int,
                      resolve_model_path)
 
 
@@ -17,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default="sample",
                    help="training text: a .txt/.jsonl file, 'sample' or hf:NAME[:CONFIG[:SPLIT]] (default: sample); "
                         "the last 10%% of its tokens are held out to measure the gain")
-    p.add_argument("--steps", type=positive_int, default=100, help="optimiser steps, one window each (default 100)")
+    p.add_argument("--steps", type=positive_int, default=100, help="optimiser steps (default 100)")
     p.add_argument("--lr", type=positive_float, default=1e-4,
                    help="peak learning rate (Adam, warm-up then cosine; default 1e-4)")
     p.add_argument("--samples", type=positive_int, default=None,
@@ -28,6 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train", choices=("all", "correctors"), default="all",
                    help="train every factor and corrector (default) or only separate correctors")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=device_type(("cpu", "cuda")), default="cpu", help="training device, e.g. cuda (bf16 autocast there; default cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per micro-batch per process (default 1)")
+    p.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="micro-batches accumulated per optimiser step; global batch = batch-size x grad-accum x "
+                        "processes (default 1)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="cache the teacher's top-k log-probabilities once instead of running it every step")
+    p.add_argument("--teacher-cache", default=None, help="folder for the teacher top-k cache (reused across runs)")
+    p.add_argument("--save-every", type=int_at_least(0), default=0,
+                   help="write a resumable training state to OUTPUT.train-state every N steps (default 0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT.train-state (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -41,10 +53,15 @@ def run(args: argparse.Namespace) -> int:
     for model in (student, teacher):
         check_context(model, args.seq_len, "--seq-len")
     cfg = FinetuneConfig(steps=args.steps, lr=args.lr, samples=args.samples, seq_len=args.seq_len,
-                         held_out=args.held_out, train=args.train, seed=args.seed)
-    path, report = finetune_checkpoint(student, teacher, args.output,
-                                       args.calib, cfg, overwrite=args.overwrite, progress=not args.no_progress)
+                         held_out=args.held_out, train=args.train, seed=args.seed, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, top_k=args.top_k, cache_dir=args.teacher_cache,
+                         save_every=args.save_every, device=args.device)
+    path, report = finetune_checkpoint(student, teacher, args.output, args.calib, cfg, overwrite=args.overwrite,
+                                       progress=not args.no_progress, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
     print(f"held-out KL to the dense model: {report['held_out_kl_before']:.4f} -> {report['held_out_kl_after']:.4f} "
-          f"({report['trained_params']:,} parameters, {args.steps} steps, {report['seconds']['train']:.0f} s)")
+          f"({report['trained_params']:,} parameters, {args.steps} steps, {report['seconds']['train']:.0f} s, "
+          f"{report['tokens_per_s']:.0f} tokens/s, {report['world_size']} process(es))")
     print(f"saved factored checkpoint to {path}")
     return 0

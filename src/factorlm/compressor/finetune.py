@@ -7,7 +7,8 @@ factor U, V (and every corrector A, B kept separate) moves, embeddings and norms
 so the parameter count, the ranks and the checkpoint format do not change.
 
 The teacher's log-probabilities are computed on the fly (one extra forward per step, no
-[tokens, vocab] store). Training windows come from the first 90% of the text's tokens and
+[tokens, vocab] store) or once, as a top-k cache (teacher_cache.py); the loop with batches,
+gradient accumulation, DDP and resumable checkpoints is in heal_loop.py. Training windows come from the first 90% of the text's tokens and
 the held-out windows that measure the gain from the last 10%, so the reported held-out KL is
 on text the steps never saw.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,10 @@ from tqdm.auto import tqdm
 
 from ..runtime.factored_linear import CorrectedLinear, FactoredLinear
 from ..runtime.format import FactorlmError
-from .correctors import kl_distill, kl_to_teacher
+from .correctors import kl_to_teacher
+from .dist_env import DistEnv, barrier, init_distributed
+from .heal_loop import train as train_loop
+from .teacher_cache import load_or_build
 from .loss_plots import loss_png
 
 logger = logging.getLogger(__name__)
@@ -36,13 +41,17 @@ HELD_OUT_FRACTION = 0.1
 
 @dataclass
 class FinetuneConfig:
-    """Steps, optimiser and data of the distillation pass.
+    """Steps, optimiser, batching and data of the distillation pass.
 
     ``train``: ``"all"`` trains every factor and corrector, ``"correctors"`` only the
     correctors (A, B) of a checkpoint saved with ``--corrector-save separate``.
-    ``warmup`` of ``None`` means 10% of the steps. ``samples`` of ``None`` draws one training window
-    per step, so no window is seen twice: on the sample model, 120 steps over 120 distinct windows
-    reached a lower held-out KL and WikiText-2 perplexity than 120 steps cycling over 64 (same time).
+    ``warmup`` of ``None`` means 10% of the steps. ``samples`` of ``None`` draws a fresh window for
+    every window the run reads (steps x global batch), so no window is seen twice: on the sample
+    model, 120 steps over 120 distinct windows reached a lower held-out KL and WikiText-2
+    perplexity than 120 steps cycling over 64 (same time). A step reads ``batch_size`` windows per
+    micro-batch, ``grad_accum`` micro-batches per process. ``top_k`` of ``None`` runs the teacher
+    on the fly; an integer caches its top-k log-probabilities once (in ``cache_dir`` if given).
+    ``save_every`` > 0 writes a resumable training state every that many steps.
     """
 
     steps: int = 100
@@ -54,12 +63,18 @@ class FinetuneConfig:
     clip: float = 1.0
     train: str = "all"
     seed: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    top_k: int | None = None
+    cache_dir: str | None = None
+    save_every: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.samples is None:
-            self.samples = self.steps
-        if self.steps < 1 or self.samples < 1 or self.held_out < 1 or self.seq_len < 2:
+        if self.steps < 1 or (self.samples is not None and self.samples < 1) or self.held_out < 1 or self.seq_len < 2:
             raise FactorlmError("finetune needs steps, samples and held-out windows >= 1 and seq_len >= 2")
+        if self.batch_size < 1 or self.grad_accum < 1 or (self.top_k is not None and self.top_k < 1):
+            raise FactorlmError("finetune needs batch_size, grad_accum and top_k >= 1")
         if self.lr <= 0:
             raise FactorlmError(f"finetune learning rate must be positive, got {self.lr}")
         if self.train not in ("all", "correctors"):
@@ -68,6 +83,10 @@ class FinetuneConfig:
     @property
     def warmup_steps(self) -> int:
         return max(1, self.steps // 10) if self.warmup is None else self.warmup
+
+    def windows_needed(self, world_size: int) -> int:
+        """Training windows: ``samples``, or one fresh window per window read by the whole run."""
+        return self.samples or self.steps * self.batch_size * self.grad_accum * world_size
 
 
 def trainable_factors(model: nn.Module, train: str) -> list[nn.Parameter]:
@@ -91,7 +110,7 @@ def split_windows(ids: torch.Tensor, cfg: FinetuneConfig, where: str) -> tuple[t
     from .calib_sources import token_windows
 
     cut = int(ids.numel() * (1 - HELD_OUT_FRACTION))
-    train = token_windows(ids[:cut], cfg.samples, cfg.seq_len, cfg.seed, where=f"{where} (training part)")
+    train = token_windows(ids[:cut], cfg.samples or cfg.steps, cfg.seq_len, cfg.seed, where=f"{where} (training part)")
     held = token_windows(ids[cut:], cfg.held_out, cfg.seq_len, cfg.seed + 1, where=f"{where} (held-out last 10%)")
     return train, held
 
@@ -106,55 +125,83 @@ def mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> fl
 
 
 def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_out: torch.Tensor,
-             cfg: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
+             cfg: FinetuneConfig, progress: bool = True, *, env: DistEnv | None = None,
+             state_dir: Path | None = None, resume: bool = False, stop_after: int | None = None,
+             teacher_id: str = "teacher") -> dict[str, Any]:
     """Distil ``student`` towards ``teacher`` in place; returns losses, held-out KL and timings."""
+    env = env or DistEnv(device=torch.device(cfg.device))
     for p in student.parameters():
         p.requires_grad_(False)
     params = trainable_factors(student, cfg.train)
     for p in params:
         p.requires_grad_(True)
-    batches = list(train.split(1))
+    ids = {id(p) for p in params}
+    named = {n: p for n, p in student.named_parameters() if id(p) in ids}
     student.eval()  # no dropout either way; eval keeps HF's inference code paths
     teacher.eval()
 
-    def teacher_logprobs(i: int) -> torch.Tensor:
-        with torch.no_grad():
-            return teacher(input_ids=batches[i]).logits.float().log_softmax(-1)
-
     t0 = time.perf_counter()
-    before = mean_kl(student, teacher, held_out)
-    bar = tqdm(total=cfg.steps, desc="finetune (KL to dense)", unit="step", disable=not progress)
+    before = mean_kl(student, teacher, held_out.to(env.device))
+    t1 = time.perf_counter()
+    if cfg.top_k is not None:
+        cache = load_or_build(teacher, train.to(env.device), cfg.top_k,
+                              Path(cfg.cache_dir) if cfg.cache_dir else None, teacher_id, env)
+
+        def target(rows: list[int]) -> tuple:
+            return ("topk", cache[0][rows].to(env.device), cache[1][rows].to(env.device))
+    else:
+        def target(rows: list[int]) -> tuple:
+            with torch.no_grad():
+                return ("full", teacher(input_ids=train[rows].to(env.device)).logits.float().log_softmax(-1))
+    t_cache = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc="finetune (KL to dense)", unit="step", disable=not progress or not env.is_main)
 
     def on_step(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(kl=f"{loss:.4f}")
 
-    t1 = time.perf_counter()
     try:
         with torch.enable_grad():
-            losses = kl_distill(student, batches, teacher_logprobs, params, cfg.steps, lr=cfg.lr,
-                                warmup=cfg.warmup_steps, clip=cfg.clip, on_step=on_step)
+            losses = train_loop(student, named, train, target, cfg, env, state_dir=state_dir, resume=resume,
+                                stop_after=stop_after, on_step=on_step)
     finally:
         bar.close()
         for p in params:
             p.requires_grad_(False)
     t2 = time.perf_counter()
-    after = mean_kl(student, teacher, held_out)
-    logger.info("held-out KL %.4f -> %.4f after %d steps (%.0f s)", before, after, cfg.steps, t2 - t1)
+    after = mean_kl(student, teacher, held_out.to(env.device))
+    global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
+    tokens = len(losses) * global_batch * int(train.shape[1])
+    logger.info("held-out KL %.4f -> %.4f after %d steps (%.0f s)", before, after, len(losses), t2 - t1)
     return {
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "samples": int(train.shape[0])},
+        "world_size": env.world_size,
+        "global_batch": global_batch,
         "trained_params": sum(p.numel() for p in params),
-        "train_tokens_per_step": int(train.shape[1]),
+        "train_tokens_per_step": global_batch * int(train.shape[1]),
+        "train_tokens": tokens,
         "held_out_kl_before": round(before, 6),
         "held_out_kl_after": round(after, 6),
         "loss": [round(v, 6) for v in losses],
-        "seconds": {"train": round(t2 - t1, 2), "held_out_eval": round(time.perf_counter() - t2 + t1 - t0, 2)},
+        "seconds": {"teacher_cache": round(t_cache - t1, 2), "train": round(t2 - t_cache, 2),
+                    "held_out_eval": round(time.perf_counter() - t2 + t1 - t0, 2)},
+        "tokens_per_s": round(tokens / max(t2 - t1, 1e-9), 1),
     }
 
 
+def state_dir_for(out_dir: str | Path) -> Path:
+    """Where periodic training states of a run writing ``out_dir`` go: ``<out_dir>.train-state``."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".train-state")
+
+
 def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, source: str,
-                        cfg: FinetuneConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[Path, dict]:
-    """Load a factored checkpoint and its dense model, distil, save to ``out_dir`` atomically."""
+                        cfg: FinetuneConfig, *, overwrite: bool = False, progress: bool = True,
+                        resume: bool = False, stop_after: int | None = None) -> tuple[Path, dict]:
+    """Load a factored checkpoint and its dense model, distil, save to ``out_dir`` atomically.
+
+    Under torchrun every rank trains its share of each global batch; only rank 0 writes.
+    """
     import json
 
     from ..runtime.checkpoint import load_factored, load_model, load_tokenizer, save_factored
@@ -164,24 +211,36 @@ def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_di
     src, out = Path(student_dir), Path(out_dir)
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass --overwrite to replace it")
+    state = state_dir_for(out)
+    if resume and not state.exists():
+        raise FactorlmError(f"{state}: no training state to resume (run with --save-every first)")
     block = read_factored_config(src)
     if block is None:
         raise FactorlmError(f"{src / 'config.json'}: not a factorlm checkpoint (no factorlm quantization_config)")
-    student = load_factored(src, fast_layout=False, correctors="keep")
-    teacher = load_model(teacher_dir, fast_layout=False)
+    env = init_distributed(cfg.device)
+    student = load_factored(src, fast_layout=False, correctors="keep").to(env.device)
+    teacher = load_model(teacher_dir, fast_layout=False).to(env.device)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise FactorlmError(f"{teacher_dir}: vocabulary size {teacher.config.vocab_size} differs from the "
                             f"checkpoint's {student.config.vocab_size}; the teacher must be the model it was compressed from")
     tokenizer = load_tokenizer(src)
-    train, held = split_windows(source_ids(tokenizer, source), cfg, where=str(source))
-    report = finetune(student, teacher, train, held, cfg, progress=progress)
+    train, held = split_windows(source_ids(tokenizer, source),
+                                replace(cfg, samples=cfg.windows_needed(env.world_size)), where=str(source))
+    report = finetune(student, teacher, train, held, cfg, progress=progress, env=env,
+                      state_dir=state if (cfg.save_every or resume) else None, resume=resume,
+                      stop_after=stop_after, teacher_id=str(Path(teacher_dir).resolve()))
     report["source"] = str(source)
     del teacher
-    extra: dict[str, str | bytes] = {name: (src / name).read_bytes() for name in
-                                     ("factorlm_recipe.yaml", "factorlm_report.json", "factorlm_corrector_loss.png")
-                                     if (src / name).is_file()}
-    extra["factorlm_finetune.json"] = json.dumps(report, indent=2)
-    extra["factorlm_finetune_loss.png"] = loss_png(report)
-    path = save_factored(student, out, tokenizer=tokenizer, extra_files=extra, overwrite=overwrite,
-                         config=FactoredConfig(ranks={}, dense=block.dense, producer=block.producer))
-    return path, report
+    if stop_after is not None and len(report["loss"]) < cfg.steps:
+        return state, report  # stopped early on purpose: the training state is the output
+    if env.is_main:
+        extra: dict[str, str | bytes] = {name: (src / name).read_bytes() for name in
+                                         ("factorlm_recipe.yaml", "factorlm_report.json", "factorlm_corrector_loss.png")
+                                         if (src / name).is_file()}
+        extra["factorlm_finetune.json"] = json.dumps(report, indent=2)
+        extra["factorlm_finetune_loss.png"] = loss_png(report)
+        save_factored(student.cpu(), out, tokenizer=tokenizer, extra_files=extra, overwrite=overwrite,
+                      config=FactoredConfig(ranks={}, dense=block.dense, producer=block.producer))
+        shutil.rmtree(state, ignore_errors=True)
+    barrier(env)
+    return out, report

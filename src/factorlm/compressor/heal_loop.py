@@ -1,0 +1,142 @@
+"""The distillation training loop: batches, gradient accumulation, DDP, autocast, checkpoints.
+
+A step consumes a global batch of ``batch_size x grad_accum x world_size`` windows, taken in
+order from the window list (step ``s`` reads windows ``[s*G, (s+1)*G)`` modulo their number), so
+the data position is the step number alone and a resumed run reads exactly what the killed one
+would have. Rank ``r`` takes micro-batch ``a*W + r`` of the step; DDP averages the gradients, so
+the update equals one process on the same global batch. The training state (trained parameters,
+Adam moments, RNG, step, losses) is saved in safetensors + JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..runtime.format import FactorlmError
+from .correctors import kl_to_teacher, lr_factor
+from .dist_env import DistEnv, barrier, mean_across
+from .teacher_cache import topk_kl
+
+logger = logging.getLogger(__name__)
+
+STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+
+
+def step_windows(step: int, n: int, global_batch: int) -> list[int]:
+    """Indices of the windows the global batch of ``step`` reads (cycling over ``n``)."""
+    return [(step * global_batch + j) % n for j in range(global_batch)]
+
+
+def save_state(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, step: int,
+               meta: dict[str, Any]) -> None:
+    """Write the training state to ``path`` atomically (a temporary folder renamed into place)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in named.items():
+        tensors[f"param/{name}"] = p.detach().cpu().contiguous()
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in st:
+                tensors[f"adam/{key}/{name}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1 if key == "step" else st[key].shape).contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    (tmp / STATE_JSON).write_text(json.dumps({**meta, "step": step}, indent=2))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+               meta: dict[str, Any]) -> dict[str, Any]:
+    """Restore a state written by :func:`save_state`; refuses one from a different run setup."""
+    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
+        raise FactorlmError(f"{path}: no training checkpoint to resume ({STATE_JSON} + {STATE_TENSORS})")
+    saved = json.loads((path / STATE_JSON).read_text())
+    for key, value in meta["config"].items():
+        if saved["config"].get(key) != value:
+            raise FactorlmError(f"{path / STATE_JSON}: config field {key!r} is {saved['config'].get(key)!r}, "
+                                f"this run has {value!r}; resume needs the same settings")
+    t = load_file(str(path / STATE_TENSORS))
+    with torch.no_grad():
+        for name, p in named.items():
+            if f"param/{name}" not in t:
+                raise FactorlmError(f"{path / STATE_TENSORS}: missing parameter {name!r}")
+            p.copy_(t[f"param/{name}"])
+            if f"adam/exp_avg/{name}" in t:
+                opt.state[p] = {"step": t[f"adam/step/{name}"].reshape(()).clone(),
+                                "exp_avg": t[f"adam/exp_avg/{name}"].to(p.device).clone(),
+                                "exp_avg_sq": t[f"adam/exp_avg_sq/{name}"].to(p.device).clone()}
+    torch.set_rng_state(t["rng/torch"])
+    return saved
+
+
+def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Tensor,
+          teacher_target: Callable[[list[int]], tuple], cfg: Any, env: DistEnv, *,
+          state_dir: Path | None = None, resume: bool = False, stop_after: int | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Run ``cfg.steps`` optimiser steps; returns the per-step loss (mean over the global batch).
+
+    ``teacher_target(indices)`` gives the teacher side for those windows: ``("full", logp)`` or
+    ``("topk", logp, idx)``. ``stop_after`` ends the run early (as a kill would) after that step.
+    """
+    params = list(named.values())
+    model: nn.Module = student
+    if env.active:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    meta = {"config": {k: getattr(cfg, k) for k in ("steps", "lr", "warmup_steps", "batch_size", "grad_accum",
+                                                    "seq_len", "samples", "seed", "top_k", "train", "clip")},
+            "world_size": env.world_size}
+    losses: list[float] = []
+    start = 0
+    if resume and state_dir is not None and state_dir.exists():
+        saved = load_state(state_dir, named, opt, meta)
+        start, losses = int(saved["step"]), list(saved["losses"])
+        logger.info("resumed from %s at step %d", state_dir, start)
+    b, accum, w = cfg.batch_size, cfg.grad_accum, env.world_size
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
+                else contextlib.nullcontext())
+    for step in range(start, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps)
+        idx = step_windows(step, windows.shape[0], b * accum * w)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for a in range(accum):
+            mine = idx[(a * w + env.rank) * b:(a * w + env.rank + 1) * b]
+            sync = contextlib.nullcontext() if (not env.active or a == accum - 1) else model.no_sync()
+            with sync:
+                with autocast:
+                    logits = model(input_ids=windows[mine].to(env.device)).logits
+                target = teacher_target(mine)
+                loss = kl_to_teacher(logits, target[1]) if target[0] == "full" else topk_kl(logits, *target[1:])
+                (loss / accum).backward()
+            total += float(loss.detach()) / accum
+        if cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        losses.append(mean_across(total, env))
+        if on_step:
+            on_step(step, losses[-1])
+        done = step + 1
+        if state_dir is not None and cfg.save_every and (done % cfg.save_every == 0 or done == stop_after):
+            if env.is_main:
+                save_state(state_dir, named, opt, done, {**meta, "losses": losses})
+            barrier(env)
+        if stop_after is not None and done >= stop_after:
+            break
+    return losses

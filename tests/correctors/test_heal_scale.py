@@ -1,0 +1,100 @@
+"""Healing at scale: top-k teacher cache, resume, and 2-process gloo DDP against 1 process."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from factorlm.compressor.finetune import FinetuneConfig, finetune, finetune_checkpoint, state_dir_for
+from factorlm.runtime.arch import compressible_linears
+from factorlm.runtime.checkpoint import factorize_model, load_factored, save_factored
+from factorlm.runtime.format import FactorlmError
+from factorlm.testing import make_tiny_model, save_tiny_dense
+
+TEXT = ("Low rank compression keeps the directions that carry the most energy of the activations. "
+        "Serving engines batch requests so that the weights are read once for many sequences. ") * 60
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    dense = save_tiny_dense(tmp_path / "dense", "llama")
+    model, tok = make_tiny_model("llama")
+    factorize_model(model, {n: 6 for n in compressible_linears(model)})
+    factored = save_factored(model, tmp_path / "factored", tokenizer=tok)
+    text = tmp_path / "train.txt"
+    text.write_text(TEXT)
+    return dense, factored, text
+
+
+def _models():
+    teacher, _ = make_tiny_model("llama")
+    student, _ = make_tiny_model("llama")
+    factorize_model(student, {n: 6 for n in compressible_linears(student)})
+    return student, teacher
+
+
+def test_cached_full_vocab_teacher_gives_the_on_the_fly_loss(tmp_path):
+    torch.manual_seed(0)
+    windows = torch.randint(0, 200, (8, 16))
+    held = torch.randint(0, 200, (2, 16))
+    reports = {}
+    for name, k in (("fly", None), ("full", 10**6), ("top8", 8)):
+        student, teacher = _models()
+        cfg = FinetuneConfig(steps=4, lr=3e-3, samples=8, seq_len=16, held_out=2, batch_size=2,
+                             top_k=k, cache_dir=str(tmp_path / "cache"))
+        reports[name] = finetune(student, teacher, windows, held, cfg, progress=False)
+    assert reports["full"]["loss"] == pytest.approx(reports["fly"]["loss"], rel=1e-5, abs=1e-7)
+    # top-k drops the teacher's tail mass: a lower bound of the full KL at the first step
+    assert reports["top8"]["loss"][0] <= reports["fly"]["loss"][0] + 1e-6
+    assert any(p.name.endswith(".safetensors") for p in (tmp_path / "cache").iterdir())
+
+
+def test_resume_after_a_stop_is_bit_exact(pair, tmp_path):
+    dense, factored, text = pair
+    cfg = FinetuneConfig(steps=6, lr=3e-3, samples=12, seq_len=16, held_out=2, batch_size=2, save_every=2)
+    full, rep_full = finetune_checkpoint(factored, dense, tmp_path / "full", str(text), cfg, progress=False)
+    out = tmp_path / "part"
+    state, _ = finetune_checkpoint(factored, dense, out, str(text), cfg, progress=False, stop_after=3)
+    assert state == state_dir_for(out) and not out.exists()
+    assert json.loads((state / "trainer_state.json").read_text())["step"] == 3
+    with pytest.raises(FactorlmError, match="lr"):
+        finetune_checkpoint(factored, dense, out, str(text), FinetuneConfig(**{**cfg.__dict__, "lr": 1e-3}),
+                            progress=False, resume=True)
+    _, rep = finetune_checkpoint(factored, dense, out, str(text), cfg, progress=False, resume=True)
+    assert rep["loss"] == rep_full["loss"]
+    a, b = load_factored(full).state_dict(), load_factored(out).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not state.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    factored, dense, out, text, cfg = args
+    try:
+        finetune_checkpoint(factored, dense, out, text, cfg, progress=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(pair, tmp_path):
+    dense, factored, text = pair
+    one = FinetuneConfig(steps=5, lr=3e-3, samples=20, seq_len=16, held_out=2, batch_size=4)
+    _, rep1 = finetune_checkpoint(factored, dense, tmp_path / "one", str(text), one, progress=False)
+    two = FinetuneConfig(steps=5, lr=3e-3, samples=20, seq_len=16, held_out=2, batch_size=1, grad_accum=2)
+    mp.spawn(_worker, args=(2, _free_port(), (factored, dense, tmp_path / "two", str(text), two)), nprocs=2)
+    rep2 = json.loads((tmp_path / "two" / "factorlm_finetune.json").read_text())
+    assert rep2["world_size"] == 2 and rep1["world_size"] == 1 and rep2["global_batch"] == 4
+    assert rep2["loss"] == pytest.approx(rep1["loss"], rel=1e-4)
+    a, b = load_factored(tmp_path / "one").state_dict(), load_factored(tmp_path / "two").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
