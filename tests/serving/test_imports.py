@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import factorlm
 
 SRC = Path(factorlm.__file__).resolve().parent
@@ -80,6 +82,7 @@ def test_importing_the_onnx_exporter_loads_no_server_module():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # one interpreter per module: a few minutes
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """Each factorlm module imports first in its own interpreter: no import cycle hides behind import order."""
     names = sorted(_module_name(p) for p in SRC.rglob("*.py") if "__pycache__" not in p.parts)
