@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import factorlm
 
 SRC = Path(factorlm.__file__).resolve().parent
@@ -78,3 +80,38 @@ def test_importing_the_onnx_exporter_loads_no_server_module():
             "print(sorted(m for m in sys.modules if m.startswith('factorlm.serving')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow  # one interpreter per module: a few minutes
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    """Each factorlm module imports first in its own interpreter: no import cycle hides behind import order."""
+    names = sorted(_module_name(p) for p in SRC.rglob("*.py") if "__pycache__" not in p.parts)
+    code = ("import importlib, subprocess, sys\n"
+            "bad = []\n"
+            "for name in sys.argv[1:]:\n"
+            "    r = subprocess.run([sys.executable, '-c', f'import {name}'], capture_output=True, text=True)\n"
+            "    if r.returncode:\n"
+            "        bad.append(name + ': ' + (r.stderr.strip().splitlines() or ['?'])[-1])\n"
+            "print('\\n'.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=1800)
+    failures = [line for line in out.stdout.splitlines() if line and "No module named" not in line]
+    assert not failures, failures
+
+
+def test_no_import_cycle_among_all_factorlm_modules():
+    modules = {_module_name(p): p for p in SRC.rglob("*.py") if "__pycache__" not in p.parts}
+    graph = {name: {m for m in imports_of(path) if m in modules and m != name and not name.startswith(m + ".")}
+             for name, path in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join(trail + [node, nxt])
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])

@@ -18,69 +18,36 @@ from typing import Any
 
 import torch
 
+from ..runtime.decode import StaticTorchLM
 from .runner import BenchConfig, EngineUnavailable, RunTiming, as_prompt_lists
 
 log = logging.getLogger(__name__)
 
 
 class StaticGreedyDecoder:
-    """Greedy generation for a fixed batch size against a ``StaticCache`` of ``max_cache_len`` tokens.
+    """Greedy timing loop over the runtime's static-cache ``StaticTorchLM`` (any batch size).
 
-    With ``compile=True`` the decode step goes through ``torch.compile(mode=compile_mode)``:
-    ``"reduce-overhead"`` captures it as a CUDA graph on GPU; on CPU ``"default"`` lets inductor
-    fuse the elementwise work and drop the Python dispatch of every op. Prefill always runs
-    eagerly (its shape varies).
+    The decoder itself (static cache, compiled step, CUDA graphs) lives in
+    ``factorlm.runtime.decode``; this adds only the phase marks the timers read.
     """
 
     def __init__(self, model: Any, max_cache_len: int, compile: bool = False,
                  compile_mode: str = "reduce-overhead") -> None:
-        from transformers import StaticCache
-
-        self.model = model
-        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.lm = StaticTorchLM(model, max_cache_len, compile=compile, compile_mode=compile_mode)
         self.max_cache_len = max_cache_len
-        self.compiled = compile
-        self.graphs = compile and compile_mode == "reduce-overhead"
-        self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            torch.compile(self._eager_step, mode=compile_mode, fullgraph=True, dynamic=False) if compile
-            else self._eager_step)
-
-    def _eager_step(self, token: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=token, cache_position=cache_position, past_key_values=self.cache,
-                            use_cache=True).logits[:, -1]
-        return logits.argmax(-1, keepdim=True)
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Reset the cache, run the prompt [B, T], return the first new token [B, 1]."""
-        if ids.shape[1] >= self.max_cache_len:
-            raise ValueError(f"prompt of {ids.shape[1]} tokens does not fit a cache of {self.max_cache_len}")
-        if self.cache.is_initialized:
-            self.cache.reset()
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        logits = self.model(input_ids=ids, cache_position=pos, past_key_values=self.cache, use_cache=True,
-                            logits_to_keep=1).logits[:, -1]
-        return logits.argmax(-1, keepdim=True)
-
-    @torch.inference_mode()
-    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Feed ``token`` [B, 1] at cache slot ``position``; return the next token (a fresh tensor)."""
-        if self.graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # graph outputs are reused: clone before the next replay
-        cache_position = torch.tensor([position], device=token.device)
-        return self._step(token, cache_position).clone()
-
     def generate(self, ids: torch.Tensor, new_tokens: int,
                  marks: Callable[[str], None] | None = None) -> torch.Tensor:
         """Greedy tokens [B, new_tokens]; ``marks('first')`` / ``marks('end')`` let a caller time the phases."""
         if ids.shape[1] + new_tokens > self.max_cache_len:
             raise ValueError(f"{ids.shape[1]} + {new_tokens} tokens exceed the cache of {self.max_cache_len}")
-        token = self.prefill(ids)
+        token = self.lm.prefill(ids).argmax(-1, keepdim=True)
         if marks:
             marks("first")
         out = [token]
-        for i in range(new_tokens - 1):
-            token = self.step(token, ids.shape[1] + i)
+        for _ in range(new_tokens - 1):
+            token = self.lm.step(token).argmax(-1, keepdim=True)
             out.append(token)
         if marks:
             marks("end")

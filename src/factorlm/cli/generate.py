@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx-device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu sees a GPU)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true",
+                   help="torch engine: static KV cache with the decode step compiled by torch.compile "
+                        "(needs a C++ compiler on CPU; the first tokens pay the compile time)")
     p.set_defaults(func=run)
 
 
@@ -44,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     path = resolve_model_path(args.model)
     if args.engine == "onnx":
+        if args.compile:
+            print("factorlm generate: --compile applies to the torch engine only", file=sys.stderr)
+            return 2
         return _run_onnx(args, path, params)
     started = time.perf_counter()
     model = load_model(path)
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - started
     input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
     stats = GenerationStats()
-    for piece in stream_text(model, tokenizer, input_ids, params, stats):
+    for piece in stream_text(model, tokenizer, input_ids, params, stats, compile=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

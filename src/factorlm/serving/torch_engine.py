@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..runtime.format import FactorlmError
-from ..runtime.generate import SamplingParams, eos_token_ids, filter_logits, find_stop
+from ..runtime.decode import TextStream, eos_token_ids, sample_next
 from . import batch_cache as bc
 from .engine import (EngineDeadError, GenerationRequest, NeverFitsError, QueueFullError, RequestHandle, TokenEvent,
                      TokenLogprob)
@@ -34,30 +34,13 @@ class _Seq:
     handle: RequestHandle
     generator: torch.Generator
     stop_ids: set[int]
-    tokens: list[int] = field(default_factory=list)
+    text: TextStream
     completion_tokens: int = 0
     cached: int = 0  # real tokens in this row's KV cache
     pending: int = -1  # sampled token not yet fed to the model
-    emitted: int = 0  # characters of decoded text already sent
     buffer_ids: list[int] = field(default_factory=list)
     buffer_logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Next token from row logits [V]: greedy at temperature 0, else top-k/top-p sampling.
-
-    The most likely token always stays in the candidate set, so that a top_p below the
-    largest probability (or below float32 resolution) means "the top token", never an
-    empty distribution.
-    """
-    if params.temperature == 0:
-        return int(logits.argmax())
-    scaled = logits.float() / params.temperature
-    best = int(scaled.argmax())
-    kept = filter_logits(scaled.unsqueeze(0), params.top_k, params.top_p)[0]
-    kept[best] = scaled[best]
-    return int(torch.multinomial(kept.softmax(-1), 1, generator=generator))
 
 
 class TorchEngine:
@@ -182,8 +165,8 @@ class TorchEngine:
 
         req = handle.request
         seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
-        seq = _Seq(handle, torch.Generator(device=self.device).manual_seed(seed),
-                   set() if req.params.ignore_eos else self._eos | set(req.params.stop_token_ids or ()))
+        seq = _Seq(handle, torch.Generator(device=self.device).manual_seed(seed), req.params.stop_ids(self._eos),
+                   TextStream(self.tokenizer, req.params.stop))
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
         cache = DynamicCache()
         logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -234,7 +217,7 @@ class TorchEngine:
         req = seq.handle.request
         params = req.params
         try:
-            token = sample_token(logits, params, seq.generator)
+            token = int(sample_next(logits, params, seq.generator))
         except RuntimeError as exc:  # fail this request only; the rest of the batch goes on
             log.exception("sampling failed for request %d", seq.handle.id)
             seq.handle.push(TokenEvent(error=f"sampling failed: {exc}"))
@@ -249,30 +232,20 @@ class TorchEngine:
                                                     [(i, self._piece(i), v) for i, v in best]))
         finish: str | None = None
         stop_reason: str | int | None = None
-        hold = max((len(s) for s in params.stop), default=0)
         if token in seq.stop_ids:
             finish = "stop"
             stop_reason = token if token not in self._eos else None
+            piece = seq.text.flush()
         else:
-            seq.tokens.append(token)
-        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        end = len(text)
-        if finish is None:
-            cut = find_stop(text, params.stop)
-            if cut >= 0:
-                end = max(cut, seq.emitted)
-                finish = "stop"
-                stop_reason = next(s for s in params.stop if s and text.find(s) == cut)
-        if finish is None and (seq.completion_tokens >= params.max_new_tokens or seq.cached + 1 >= self.max_model_len):
-            finish = "length"
-        if finish is None:
-            if text.endswith("\ufffd"):
-                return  # an incomplete UTF-8 sequence: wait for the next token
-            end = max(len(text) - hold, seq.emitted)  # keep back what could still become a stop string
-            if end == seq.emitted:
-                return
-        self._emit(seq, text[seq.emitted:end], finish, stop_reason)
-        seq.emitted = end
+            piece = seq.text.push(token)
+            if seq.text.stop_string is not None:
+                finish, stop_reason = "stop", seq.text.stop_string
+            elif seq.completion_tokens >= params.max_new_tokens or seq.cached + 1 >= self.max_model_len:
+                finish = "length"
+                piece += seq.text.flush()
+        if finish is None and not piece:
+            return
+        self._emit(seq, piece, finish, stop_reason)
 
     def _emit(self, seq: _Seq, text: str, finish: str | None, stop_reason: str | int | None) -> None:
         seq.handle.push(TokenEvent(text=text, token_ids=seq.buffer_ids, logprobs=seq.buffer_logprobs,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from ...runtime.format import FactorlmError
-from ...runtime.generate import GenerationStats, SamplingParams, find_stop, sample_next
+from ...runtime.decode import GenerationStats, SamplingParams, decode_tokens, make_generator, sample_next
 from .graph import CacheShape
 from .metadata import read_metadata
 
@@ -124,8 +123,8 @@ class OnnxGenerator:
         for r, p in enumerate(prompts):
             ids[r, width - len(p):] = p
             mask[r, width - len(p):] = 1
-        stop_ids = set() if params.ignore_eos else set(stop_ids or ()) | set(params.stop_token_ids or ())
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        stop_ids = params.stop_ids(stop_ids)
+        generator = make_generator(params.seed)
         pos = np.clip(mask.cumsum(-1) - 1, 0, None)
         logits, past = self.step(ids, mask, pos, self._empty_past(batch))
         out: list[list[int]] = [[] for _ in prompts]
@@ -145,62 +144,55 @@ class OnnxGenerator:
             logits, past = self.step(tokens.reshape(batch, 1), mask, pos, past)
         return out
 
+    def lm(self) -> OnnxLM:
+        """This graph as a ``CausalLM`` for the runtime's decode loop."""
+        return OnnxLM(self)
+
     def generate_tokens(self, input_ids: torch.Tensor | Sequence[int], params: SamplingParams,
                         stop_ids: set[int] | None = None, stats: GenerationStats | None = None) -> Iterator[int]:
         """Yield new token ids for one prompt, like ``runtime.generate.generate_tokens``."""
-        prompt = np.asarray(input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids, np.int64)
-        prompt = prompt.reshape(1, -1) if prompt.ndim == 1 else prompt
-        if prompt.shape[0] != 1 or prompt.shape[1] == 0:
-            raise FactorlmError(f"generate_tokens takes one non-empty prompt, got shape {prompt.shape}")
-        stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = prompt.shape[1]
-        stop_ids = set() if params.ignore_eos else set(stop_ids or ()) | set(params.stop_token_ids or ())
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        mask = np.ones_like(prompt)
-        start = time.perf_counter()
-        logits, past = self.step(prompt, mask, np.arange(prompt.shape[1])[None], self._empty_past(1))
-        decode_start = start
-        for step in range(params.max_new_tokens):
-            token_id = int(sample_next(torch.from_numpy(logits), params, generator)[0])
-            now = time.perf_counter()
-            if step == 0:
-                stats.ttft_s, decode_start = now - start, now
-            stats.new_tokens, stats.decode_s = step + 1, now - decode_start
-            if token_id in stop_ids:
-                stats.finish_reason = "stop"
-                return
-            yield token_id
-            if step + 1 == params.max_new_tokens:
-                break
-            length = prompt.shape[1] + step + 1
-            mask = np.ones((1, length), np.int64)
-            logits, past = self.step(np.array([[token_id]]), mask, np.array([[length - 1]]), past)
-        stats.finish_reason = "length"
+        return decode_tokens(self.lm(), _prompt_tensor(input_ids), params, stop_ids, stats)
 
     def stream_text(self, tokenizer: Any, input_ids: torch.Tensor | Sequence[int], params: SamplingParams,
                     stats: GenerationStats | None = None) -> Iterator[str]:
         """Decoded text pieces, stopping at EOS or before the first stop string (not emitted)."""
-        stats = stats if stats is not None else GenerationStats()
-        tokens: list[int] = []
-        emitted = 0
-        hold = max((len(s) for s in params.stop), default=0)
-        for token_id in self.generate_tokens(input_ids, params, self.eos_ids(), stats):
-            tokens.append(token_id)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue
-            cut = find_stop(text, params.stop)
-            if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
-                stats.finish_reason = "stop"
-                return
-            if len(text) - hold > emitted:
-                yield text[emitted:len(text) - hold]
-                emitted = len(text) - hold
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text) > emitted:
-            yield text[emitted:]
+        from ...runtime.generate import stream_lm_text
+
+        return stream_lm_text(self.lm(), tokenizer, _prompt_tensor(input_ids), params, self.eos_ids(), stats)
+
+
+def _prompt_tensor(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    prompt = torch.as_tensor(input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids),
+                             dtype=torch.long)
+    prompt = prompt.reshape(1, -1) if prompt.dim() == 1 else prompt
+    if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
+        raise FactorlmError(f"generate_tokens takes one non-empty prompt, got shape {tuple(prompt.shape)}")
+    return prompt
+
+
+class OnnxLM:
+    """An exported graph as a ``CausalLM`` (``prefill`` / ``step``), the KV cache kept in OrtValues."""
+
+    device = "cpu"  # where logits come back and where the sampler runs
+
+    def __init__(self, generator: OnnxGenerator) -> None:
+        self.generator = generator
+        self.past: list[Any] = []
+        self.length = 0
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        prompt = input_ids.numpy().astype(np.int64)
+        self.length = prompt.shape[1]
+        logits, self.past = self.generator.step(prompt, np.ones_like(prompt), np.arange(self.length)[None],
+                                                self.generator._empty_past(1))
+        return torch.from_numpy(logits)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.length += 1
+        logits, self.past = self.generator.step(token.numpy().astype(np.int64).reshape(1, 1),
+                                                np.ones((1, self.length), np.int64),
+                                                np.array([[self.length - 1]]), self.past)
+        return torch.from_numpy(logits)
 
 
 def load_onnx_engine(onnx_dir: str | os.PathLike, *, threads: int | None = None, device: str = "auto") -> OnnxGenerator:
