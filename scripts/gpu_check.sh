@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with a CUDA GPU and torch/transformers installed
 # (no registry needed): the gpu-marked tests, then the CUDA decode benchmark (bf16, static
-# KV cache, CUDA graphs, CUDA-event timing) on random-weight pairs of published shapes.
+# KV cache, CUDA graphs, CUDA-event timing) on random-weight pairs of published shapes, and a
+# timed `compress --device cuda` (svd, bf16) of a random-weight Llama-3.2-1B-shape source.
 # Results land in benchmarks/results/offline_<gpu>-<shape>-keep<k>.{json,md} and, when OUT
 # is set, are copied there too with the test log.
 #
@@ -25,7 +26,9 @@ for shape in $SHAPES; do
     --batch "$BATCHES" --prompt-tokens 128 --new-tokens 128 --repeats 5 --memory off 2>&1 | grep -v '^{' \
     | tee -a "$LOG" || status=1
 done
+"$PY" benchmarks/bench_scale.py --shape "${COMPRESS_SHAPE:-llama-3.2-1b}" --method svd --device cuda \
+  --threads 4 2>&1 | tee -a "$LOG" || status=1
 if [ -n "${OUT:-}" ]; then
-  cp benchmarks/results/offline_nvidia-* "$OUT/" 2>/dev/null || true
+  cp benchmarks/results/offline_nvidia-* benchmarks/results/scale_cuda-* "$OUT/" 2>/dev/null || true
 fi
 exit $status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from .common import (check_context, check_output, device_type, float_in, input_path, int_at_least, non_negative_int,
                      positive_float, positive_int)
@@ -71,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     corr.add_argument("--corrector-save", choices=("folded", "separate"), default="folded",
                       help="fold correctors into the factors (default; every reader loads it) or keep them apart "
                            "for further training (factorlm fold turns such a checkpoint into a folded one)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="checkpoint dtype (default: the source's; the math runs in fp32 either way)")
+    p.add_argument("--max-shard-size", default="5GB", type=shard_size,
+                   help="split the weights into HF-style shards with an index above this size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -88,6 +93,17 @@ def build_recipe(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe,
         batch_size=args.batch_size, beta=args.beta, aces=args.aces,
         sequential=args.stats == "sequential",
     )
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B)?", re.IGNORECASE)
+
+
+def shard_size(text: str) -> str | int:
+    """A shard size such as ``5GB``, ``500MB`` or a byte count, checked before any work starts."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 5GB, 500MB or 1000000, got {text!r}")
+    return text.strip() if match.group(2) else int(float(match.group(1)))
 
 
 def build_hooks(args: argparse.Namespace) -> list:
@@ -136,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     for hook in hooks:
         recipe.extra["corrector"] = {k: getattr(hook.config, k) for k in hook.config.__dataclass_fields__}
     path, report = compress_checkpoint(model_path, args.output, recipe, overwrite=args.overwrite,
-                                       progress=not args.no_progress, hooks=hooks)
+                                       progress=not args.no_progress, hooks=hooks, dtype=args.dtype,
+                                       max_shard_size=args.max_shard_size)
     print(format_totals(report["totals"]))
     print(f"saved factored checkpoint to {path}")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +24,16 @@ import yaml
 from torch import nn
 
 from ..runtime.arch import compressible_linears
-from ..runtime.checkpoint import load_model, load_tokenizer, save_factored
+from ..runtime.checkpoint import (
+    DEFAULT_MAX_SHARD_SIZE,
+    load_model,
+    load_tokenizer,
+    safetensors_files,
+    save_factored,
+)
 from ..runtime.factored_linear import CorrectedLinear, FactoredLinear
 from ..runtime.format import FactoredConfig, FactorlmError
+from ..runtime.verify import read_headers
 from .allocation import AraConfig
 from .blockwise import check_finite_weight, compress_blocks, spectra_pass, weight_spectra
 from .budget import count_params, kept_params, shapes_of
@@ -202,11 +210,43 @@ def sync_rows_with_model(rows: list[dict[str, Any]], model: nn.Module) -> None:
             row["params_after"] = module.weight_params()
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``bf16``/``fp16``/``fp32`` (or the torch names) as a torch dtype; anything else is refused."""
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise FactorlmError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[key]
+
+
+def source_dtype(model_path: str | Path) -> torch.dtype:
+    """The dtype of a dense folder's floating-point weights, from the safetensors headers (no data read)."""
+    headers = read_headers(safetensors_files(model_path))
+    counts = Counter(h.dtype for h in headers.values() if h.is_floating)
+    if not counts:
+        raise FactorlmError(f"{model_path}: no floating-point weights found in the safetensors files")
+    found = [name for name, _ in counts.most_common()]
+    if len(found) > 1:
+        logger.info("source weights mix dtypes %s; saving in the most common, %s", found, found[0])
+    named = getattr(torch, found[0], None)
+    if not isinstance(named, torch.dtype) or named not in DTYPES.values():
+        raise FactorlmError(f"{model_path}: source dtype {found[0]} is not one of bf16, fp16, fp32; pass --dtype")
+    return named
+
+
 def compress_checkpoint(
     model_path: str | Path, out_dir: str | Path, recipe: CompressionRecipe, *, overwrite: bool = False,
     progress: bool = True, hooks: Sequence[BlockHook] | None = None,
+    dtype: str | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> tuple[Path, dict[str, Any]]:
     """Load a dense model folder, compress it, write the factored checkpoint atomically.
+
+    The math runs in fp32 whatever the source; the checkpoint is written in the source's
+    dtype (read from its safetensors headers) unless ``dtype`` (``bf16``/``fp16``/``fp32``)
+    says otherwise, sharded above ``max_shard_size``.
 
     ``hooks`` (see :mod:`.hooks`) run on every block after its factorization; what they
     reserve is taken out of the rank budget, their ``finalize`` runs before the save.
@@ -215,9 +255,10 @@ def compress_checkpoint(
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass --overwrite to replace it")
     get_method(recipe.method)
+    save_dtype = parse_dtype(dtype) if dtype else source_dtype(model_path)
     hooks = list(hooks or [])
     started = time.perf_counter()
-    model = load_model(model_path, device="cpu")
+    model = load_model(model_path, device="cpu", dtype=torch.float32)
     tokenizer = load_tokenizer(model_path)
     calib = None
     source = recipe.calibration_source()
@@ -237,7 +278,7 @@ def compress_checkpoint(
         extra_files.update(getattr(hook, "extra_files", dict)())
     path = save_factored(
         model, out, tokenizer=tokenizer, config=FactoredConfig(ranks={}, dense=dense),
-        extra_files=extra_files, overwrite=overwrite,
+        extra_files=extra_files, overwrite=overwrite, dtype=save_dtype, max_shard_size=max_shard_size,
     )
     return path, report
 

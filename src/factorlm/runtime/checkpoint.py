@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,9 @@ from .format import FactoredConfig, FactorlmError, FormatError, read_config_json
 from .verify import checkpoint_problems, raise_on_problems, rank_problem, read_headers
 
 logger = logging.getLogger(__name__)
+
+# what transformers' save_pretrained uses; a larger checkpoint is sharded with an index
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 # --------------------------------------------------------------------------- modules
@@ -129,6 +131,8 @@ def save_factored(
     config: FactoredConfig | None = None,
     extra_files: dict[str, str | bytes] | None = None,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write ``model`` (with its FactoredLinear modules) as a factored checkpoint.
 
@@ -138,6 +142,11 @@ def save_factored(
     read from the model itself so they cannot disagree with the tensors. A model that still
     holds ``CorrectedLinear`` layers is saved with separate correctors (for further
     training); fold them first (:func:`fold_correctors`) for a checkpoint of plain factors.
+    ``dtype`` casts the floating-point parameters first (in place; ``None`` keeps the model's),
+    and ``config.json``'s ``dtype`` and ``factor_dtype`` record it. Above ``max_shard_size``
+    the weights are split into HF-style shards with ``model.safetensors.index.json``.
+    The folder and files get the usual umask permissions, like ``save_pretrained``; a stale
+    temporary folder of an earlier killed save on the same output is removed first.
     """
     from .. import __version__
 
@@ -151,6 +160,10 @@ def save_factored(
             raise FormatError(f"module {fqn!r}: rank {rank} exceeds min(in, out) = "
                               f"{min(layer.in_features, layer.out_features)}; store it dense instead")
     correctors = corrector_ranks_of(model)
+    if dtype is not None:
+        model.to(dtype)
+    saved_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    model.config.dtype = saved_dtype
     base = config or FactoredConfig(ranks=ranks)
     mode = "separate" if correctors else ("folded" if base.correctors == "separate" else base.correctors)
     block = FactoredConfig(
@@ -158,21 +171,24 @@ def save_factored(
         dense=[d for d in base.dense if d not in ranks],
         correctors=mode,
         corrector_ranks=correctors,
-        factor_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        factor_dtype=str(saved_dtype).removeprefix("torch."),
         producer=base.producer or {"name": "factorlm", "version": __version__},
     ).to_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = partial_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier save of this output
+    tmp.mkdir(parents=True)
     previous = getattr(model.config, "quantization_config", None)
     try:
         model.config.quantization_config = block
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as fh:
                 fh.write(content)
+        _apply_umask(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,10 +203,25 @@ def save_factored(
     return out
 
 
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and its files the modes a plain ``open``/``mkdir`` would (some writers use 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def partial_dir(out: Path) -> Path:
+    """The one temporary folder a save of ``out`` writes into before renaming it into place."""
+    return out.with_name(f".{out.name}.factorlm-partial")
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``; an existing ``dst`` is removed only after the move is possible."""
     if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        backup = dst.with_name(f".{dst.name}.factorlm-old")
+        shutil.rmtree(backup, ignore_errors=True)
         os.replace(dst, backup)
         os.replace(src, dst)
         shutil.rmtree(backup, ignore_errors=True)
@@ -266,7 +297,7 @@ def load_factored(
     block = read_factored_config(root)
     if block is None:
         raise FormatError(f"{root / 'config.json'}: no factorlm quantization_config; use load_model() for dense folders")
-    model = _build_skeleton(root, dtype)
+    model = _build_skeleton(root, dtype or getattr(torch, block.factor_dtype, torch.float32))
     raise_on_problems(checkpoint_problems(model, read_headers(safetensors_files(root)), block, root), root)
     replace_with_factored(model, block.ranks, device="meta", corrector_ranks=block.corrector_ranks)
     tensors, _ = read_tensors(root)
