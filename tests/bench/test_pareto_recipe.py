@@ -21,5 +21,5 @@ def test_score_cache_roundtrip(tmp_path):
     assert load_score(tmp_path, "abc") is None
     save_score(tmp_path, "abc", {"ppl": 21.1})
     assert load_score(tmp_path, "abc") == {"ppl": 21.1}
-    args = compress_args({}, 0.8, tmp_path / "c.txt", tmp_path / "o")
+    args = compress_args({}, 0.8, tmp_path / "o")
     assert args[args.index("--keep") + 1] == "0.8"
