@@ -200,9 +200,10 @@ def format_markdown(sweep: dict[str, Any], command: str = "", llamacpp_note: str
     lines = ["# Pareto sweep: quality and decode speed per operating point", ""]
     if command:
         lines += [f"`{command}`", ""]
+    zs = (f"average acc over {len(st['tasks'])} tasks ({', '.join(st['tasks'])}), {st['zeroshot_limit']} rows each"
+          if st["zeroshot_limit"] and st["tasks"] else "not run")
     lines += [f"Perplexity: first {st['ppl_tokens']} tokens of {st['text']}, windows of {st['ppl_window']} (torch fp32). "
-              f"Zero-shot: average acc over {len(st['tasks'])} tasks ({', '.join(st['tasks'])}), {st['zeroshot_limit']} rows "
-              f"each. Decode: prompt {st['prompt_tokens']} tokens, {st['new_tokens']} greedy new tokens, median of "
+              f"Zero-shot: {zs}. Decode: prompt {st['prompt_tokens']} tokens, {st['new_tokens']} greedy new tokens, median of "
               f"{st['repeats']} interleaved rounds, {st['threads']} thread(s); each point timed in its own run with the dense "
               "model interleaved, speedup = factored/dense on the same engine and batch in that run; the dense row's "
               f"tok/s is the median over those runs. Machine: {m['cpu_count']} CPUs, load average "
