@@ -1,5 +1,6 @@
 """``factorlm bench``: ``serving`` load-tests any OpenAI-compatible endpoint; ``offline`` times engines
-on a dense and a factored folder in one run (see ``factorlm.bench.offline``)."""
+on a dense and a factored folder in one run (see ``factorlm.bench.offline``); ``pareto`` measures quality
+and speed of several factored checkpoints against their dense model (see ``factorlm.bench.pareto_run``)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--json-out", type=Path, help="also write the result JSON here (atomically)")
     o.add_argument("--md-out", type=Path, help="also write the Markdown table here (atomically)")
     o.set_defaults(func=run_offline_cmd)
+    q = sub.add_parser("pareto", help="perplexity, zero-shot, bytes and decode speed per operating point vs dense")
+    q.add_argument("dense", nargs="?", default="sample", help="dense model folder (default: 'sample')")
+    q.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
+                   help="a factored checkpoint to measure (repeatable)")
+    q.add_argument("--keep", type=float_in(0, 1, low_open=True), nargs="*", default=[],
+                   help="keep ratios to compress with --recipe (cached by recipe hash) and measure")
+    q.add_argument("--recipe", type=Path, help="recipe JSON/YAML for --keep (default: saes + mgaa, sample calibration)")
+    q.add_argument("--text", type=Path, required=True, help="perplexity text (e.g. WikiText-2 test, raw)")
+    q.add_argument("--ppl-tokens", type=positive_int, default=49152)
+    q.add_argument("--zeroshot-limit", type=non_negative_int, default=200, help="rows per task (0: skip zero-shot)")
+    q.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq")
+    q.add_argument("--engines", default="torch,onnx,onnx-int8", help="comma list: torch,onnx,onnx-int8,vllm")
+    q.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    q.add_argument("--prompt-tokens", type=positive_int, default=32)
+    q.add_argument("--new-tokens", type=positive_int, default=32)
+    q.add_argument("--repeats", type=positive_int, default=3)
+    q.add_argument("--threads", type=positive_int, default=1)
+    q.add_argument("--output-dir", type=Path, default=Path("."), help="writes pareto.md, pareto.json, pareto.png")
+    q.add_argument("--cache", type=Path, help="score and checkpoint cache (default: <factorlm cache>/pareto)")
+    q.add_argument("--no-plot", action="store_true", help="skip pareto.png")
+    q.set_defaults(func=run_pareto_cmd)
 
 
 def run_serving(args: argparse.Namespace) -> int:
@@ -129,4 +151,85 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
         _write_atomic(args.json_out, json.dumps(result, indent=2) + "\n")
     print(table)
     print(json.dumps(result))
+    return 0
+
+
+def _checkpoints(specs: list[str]) -> dict[str, Path]:
+    from ..runtime.format import FactorlmError
+
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise FactorlmError(f"--checkpoint must be NAME=DIR, got {spec!r}")
+        if not (Path(folder) / "config.json").is_file():
+            raise FactorlmError(f"--checkpoint {name}: {folder}/config.json not found")
+        out[name] = Path(folder)
+    return out
+
+
+def _read_recipe(path: Path | None) -> dict:
+    from ..bench.pareto import validate_recipe
+    from ..runtime.format import FactorlmError
+
+    if path is None:
+        return validate_recipe({})
+    if not path.is_file():
+        raise FactorlmError(f"--recipe {path}: file not found")
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise FactorlmError(f"{path}: a recipe must be a mapping")
+    try:
+        return validate_recipe(data, str(path))
+    except ValueError as exc:
+        raise FactorlmError(str(exc)) from exc
+
+
+def run_pareto_cmd(args: argparse.Namespace) -> int:
+    from ..bench.pareto_run import (ParetoConfig, compress_point, format_markdown, llamacpp_reference, plot_pareto,
+                                    run_pareto)
+    from ..bench.offline import display_path
+    from ..bench.runner import BenchConfig
+    from ..runtime.format import FactorlmError
+    from ..sample_model import cache_root
+    from .common import resolve_model_path
+
+    points = _checkpoints(args.checkpoint)
+    recipe = _read_recipe(args.recipe)
+    if not args.text.is_file():
+        raise FactorlmError(f"--text {args.text}: file not found")
+    if not points and not args.keep:
+        raise FactorlmError("nothing to measure: pass --checkpoint NAME=DIR and/or --keep RATIO ...")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    gguf, note = llamacpp_reference()
+    if gguf is not None and "llamacpp" not in engines:
+        engines.append("llamacpp")
+    cache = args.cache or cache_root() / "pareto"
+    speed = BenchConfig(engines=engines, batches=_int_list(args.batch, "--batch"), prompt_tokens=args.prompt_tokens,
+                        new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads, gguf=gguf,
+                        memory="off", bandwidth_mib=0)
+    cfg = ParetoConfig(text=args.text, ppl_tokens=args.ppl_tokens, zeroshot_limit=args.zeroshot_limit,
+                       tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), speed=speed,
+                       cache=cache / "scores")
+    dense = resolve_model_path(args.dense)
+    for keep in args.keep:
+        points.setdefault(f"keep{keep:g}", compress_point(keep, recipe, cache / "ckpt", args.dense))
+    sweep = run_pareto(dense, points, cfg)
+    command = " ".join(shlex.quote(a) for a in ["factorlm", "bench", "pareto", args.dense]
+                       + [f"--checkpoint={n}={display_path(d)}" for n, d in _checkpoints(args.checkpoint).items()]
+                       + (["--keep", *map(str, args.keep)] if args.keep else [])
+                       + ["--text", args.text.name, "--ppl-tokens", str(args.ppl_tokens), "--zeroshot-limit",
+                          str(args.zeroshot_limit), "--engines", args.engines, "--batch", args.batch,
+                          "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                          "--repeats", str(args.repeats), "--threads", str(args.threads)])
+    sweep["command"] = command
+    sweep["llamacpp"] = note or "run"
+    table = format_markdown(sweep, command, f"not available ({note})" if note else "")
+    _write_atomic(args.output_dir / "pareto.md", table)
+    _write_atomic(args.output_dir / "pareto.json", json.dumps(sweep, indent=2, default=str) + "\n")
+    if not args.no_plot:
+        plot_pareto(sweep, args.output_dir / "pareto.png")
+    print(table)
     return 0
