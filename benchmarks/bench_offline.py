@@ -30,7 +30,7 @@ from pathlib import Path
 from factorlm.bench.offline import format_markdown, run_offline
 from factorlm.bench.runner import BenchConfig
 from factorlm.bench.synthetic import SHAPES, write_synthetic_pair
-from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint
+from factorlm.compressor import CompressionRecipe, compress_checkpoint
 from factorlm.sample_model import cache_root, find_gguf, materialize_sample_model
 
 RESULTS = Path(__file__).parent / "results"

@@ -44,7 +44,7 @@ def child(args: argparse.Namespace) -> None:
     """Run one compression in this process and print its numbers as JSON."""
     import torch
 
-    from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint
+    from factorlm.compressor import CompressionRecipe, compress_checkpoint
     from factorlm.runtime.checkpoint import safetensors_files
 
     torch.set_num_threads(args.threads)

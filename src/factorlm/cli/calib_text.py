@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from .common import check_output
 
     check_output(args.output, kind="file")
-    from ..compressor.calib_sources import write_calibration_text
+    from ..compressor import write_calibration_text
 
     path = write_calibration_text(args.source, args.output)
     print(f"wrote {path.stat().st_size:,} bytes of calibration text to {path}")

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.folder), input_path(args.teacher)])
-    from ..compressor.finetune import FinetuneConfig, finetune_checkpoint
+    from ..compressor import FinetuneConfig, finetune_checkpoint
 
     student, teacher = resolve_model_path(args.folder), resolve_model_path(args.teacher)
     for model in (student, teacher):

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         return run_verify(Path(args.folder))
     import json
 
-    from ..compressor.report import format_report, plot_kept_fraction, read_report
+    from ..compressor import format_report, plot_kept_fraction, read_report
 
     report = read_report(args.folder)
     if args.json:

@@ -15,12 +15,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..runtime.arch import compressible_linears
@@ -34,66 +32,37 @@ from ..runtime.checkpoint import (
 from ..runtime.factored_linear import CorrectedLinear, FactoredLinear
 from ..runtime.format import FactoredConfig, FactorlmError
 from ..runtime.verify import read_headers
-from .allocation import AraConfig
+from .allocation import AraConfig, get_allocator
 from .blockwise import check_finite_weight, compress_blocks, spectra_pass, weight_spectra
 from .budget import count_params, kept_params, shapes_of
 from .hooks import BlockHook
 from .methods import METHODS, MethodOptions, get_method
-from .planning import NEEDS_FACTORS, NEEDS_IMPORTANCE, NEEDS_SPECTRA, linear_budget, plan_ranks
+from .planning import linear_budget, plan_ranks
+from .recipe import RECIPE_FILE, REPORT_FILE, CompressionRecipe
 from .streaming import capture_block_inputs, split_batches
 
 logger = logging.getLogger(__name__)
 
-RECIPE_FILE = "factorlm_recipe.yaml"
-REPORT_FILE = "factorlm_report.json"
-DEFAULT_ALLOCATION = "uniform"
+DEFAULT_ALLOCATION = CompressionRecipe.allocation
 # ARA trains through the whole model (forward and backward per step): a few short rows keep it
 # to minutes on a CPU (about 20 s per 256-token step for the 135M sample model on a busy 2-core machine)
 ARA_ROWS = 4
 ARA_MAX_LEN = 256
 
 
-@dataclass
-class CompressionRecipe:
-    """What the user asked for; saved beside the checkpoint so a run can be repeated.
+def needs_calibration(recipe: CompressionRecipe, hooks: Sequence[BlockHook] = ()) -> bool:
+    """Whether the run needs calibration text, as the method and allocator registries declare.
 
-    Exactly one of ``keep`` (linear params kept) and ``reduction`` (whole-model params
-    removed) is used; ``reduction`` wins when both are set by code, the CLI forbids it.
-    ``calib`` is a file, ``sample`` or ``hf:NAME[:CONFIG[:SPLIT]]``; ``None`` picks ``sample``
-    when a method or allocator needs calibration. ``beta`` fixes saes' β (None: ACES per layer, by
-    the ``aces`` criterion: ``holdout`` or the paper's ``energy``; see ``methods.MethodOptions``).
+    Calibration is needed by a calibrated method, by an allocator that needs more than
+    spectra (importance, factors, batches: see ``allocation.NEEDS``), and by block hooks
+    (correctors, given as hooks or as the recipe's ``corrector`` section). Spectra alone come
+    from the weights when the method does not calibrate.
     """
-
-    method: str = "svd"
-    keep: float | None = 0.6
-    reduction: float | None = None
-    allocation: str = DEFAULT_ALLOCATION
-    rank_multiple: int = 8
-    min_rank: int | None = None
-    source: str = ""
-    calib: str | None = None
-    calib_samples: int = 32
-    calib_len: int = 512
-    seed: int = 0
-    device: str = "cpu"
-    batch_size: int = 4
-    beta: float | None = None
-    aces: str = "holdout"
-    damping: float = 1e-6
-    sequential: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(asdict(self), sort_keys=False)
-
-    def calibration_source(self) -> str | None:
-        """The calibration source (older recipes kept it under ``extra``)."""
-        return self.calib or self.extra.get("calib")
+    return (get_method(recipe.method).needs_calibration or bool(hooks) or recipe.corrector is not None
+            or get_allocator(recipe.allocation).needs_calibration)
 
 
-def _needs_calibration(recipe: CompressionRecipe, hooks: Sequence[BlockHook]) -> bool:
-    return get_method(recipe.method).needs_calibration or bool(hooks) or recipe.allocation in (
-        NEEDS_IMPORTANCE | NEEDS_FACTORS) or (recipe.allocation in NEEDS_SPECTRA and recipe.method != "svd")
+_needs_calibration = needs_calibration  # the name older callers import
 
 
 def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Tensor | None, *,
@@ -122,7 +91,8 @@ def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Ten
     keep = None if recipe.reduction is not None else recipe.keep
     budget = linear_budget(shapes, params_before, keep=keep, reduction=recipe.reduction, reserved=reserved)
     captured = None
-    needed = _needs_calibration(recipe, hooks)
+    needed = needs_calibration(recipe, hooks)
+    needs = get_allocator(recipe.allocation).needs
     if calib is not None and needed:
         captured = capture_block_inputs(model, split_batches(calib, recipe.batch_size))
     elif needed:
@@ -133,15 +103,15 @@ def compress_model(model: nn.Module, recipe: CompressionRecipe, calib: torch.Ten
     alloc_started = time.perf_counter()
     spectra = importance = factors = None
     spectra_time = 0.0
-    if recipe.allocation in NEEDS_SPECTRA:
+    if "spectra" in needs:
         if captured is None:
             spectra = weight_spectra(model)
         else:
-            res = spectra_pass(model, captured, method, opts, importance=recipe.allocation in NEEDS_IMPORTANCE,
-                               factors=recipe.allocation in NEEDS_FACTORS, device=device, progress=progress)
+            res = spectra_pass(model, captured, method, opts, importance="importance" in needs,
+                               factors="factors" in needs, device=device, progress=progress)
             spectra, importance, factors, spectra_time = res.spectra, res.importance, res.factors, res.time_s
     ara_batches = None
-    if recipe.allocation in NEEDS_FACTORS and calib is not None:
+    if "batches" in needs and calib is not None:
         ara_batches = split_batches(calib[:ARA_ROWS, :ARA_MAX_LEN], 1)
     plan, alloc_info = plan_ranks(recipe.allocation, shapes, budget, recipe.rank_multiple, min_rank,
                                   spectra=spectra, importance=importance, model=model, factors=factors,
@@ -262,7 +232,7 @@ def compress_checkpoint(
     tokenizer = load_tokenizer(model_path)
     calib = None
     source = recipe.calibration_source()
-    if _needs_calibration(recipe, hooks) or source:
+    if needs_calibration(recipe, hooks) or source:
         from .calib_sources import SAMPLE_SOURCE, calibration_windows
 
         if not source:
@@ -283,4 +253,5 @@ def compress_checkpoint(
     return path, report
 
 
-__all__ = ["METHODS", "RECIPE_FILE", "REPORT_FILE", "CompressionRecipe", "compress_checkpoint", "compress_model"]
+__all__ = ["METHODS", "RECIPE_FILE", "REPORT_FILE", "CompressionRecipe", "compress_checkpoint", "compress_model",
+           "needs_calibration"]

@@ -9,7 +9,9 @@ Two budget views (papers use "ratio" in opposite senses):
   is an error that says how far they can go.
 
 Hooks may reserve parameters (e.g. correctors); they come out of the linear budget before
-allocation, so everything the saved model holds counts.
+allocation, so everything the saved model holds counts. What an allocator needs computed
+first (spectra, importance, factors, batches) is declared by its registry entry
+(:data:`.allocation.ALLOCATORS`); the planner asks the registry and passes what it was given.
 """
 
 from __future__ import annotations
@@ -23,17 +25,11 @@ from typing import Any
 import torch
 
 from ..runtime.format import FactorlmError
-from .allocation import ALLOCATORS, AllocationInputs, AraConfig, LayerSpectrum, Plan, allocate
+from .allocation import AllocationInputs, AraConfig, LayerSpectrum, Plan, get_allocator
 from .allocation.core import min_cost
-from .budget import LayerShape, kept_params, uniform_ranks
+from .budget import LayerShape
 
 logger = logging.getLogger(__name__)
-
-# allocators that need per-layer spectra / sublayer importance / ARA factors and batches
-NEEDS_SPECTRA = {"energy", "greedy", "mgaa", "ara"}
-NEEDS_IMPORTANCE = {"mgaa"}
-NEEDS_FACTORS = {"ara"}
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -95,22 +91,6 @@ def check_feasible(shapes: Mapping[str, LayerShape], budget: Budget, multiple: i
         )
 
 
-def plan_uniform(shapes: Mapping[str, LayerShape], budget: Budget, multiple: int, min_rank: int) -> Plan:
-    """Every layer keeps the same fraction of its parameters (rounded to the rank multiple)."""
-    keep = min(1.0, budget.allocatable / budget.linear_total)
-    plan = uniform_ranks(shapes, keep, multiple, min_rank)
-    # rounding to the multiple may overshoot the budget: step down, one multiple at a time, the
-    # layer that overshoots its own share most, until the plan fits (deterministic, first wins ties)
-    while kept_params(shapes, plan) > budget.allocatable:
-        over = {n: shapes[n].factored_params(r) - keep * shapes[n].dense_params
-                for n, r in plan.items() if r is not None and r - multiple >= min_rank}
-        if not over:
-            raise FactorlmError(f"budget of {budget.allocatable:,} linear parameters cannot be met with uniform ranks")
-        worst = max(over, key=lambda n: over[n])
-        plan[worst] = plan[worst] - multiple  # type: ignore[operator]
-    return plan
-
-
 def plan_ranks(
     allocation: str, shapes: Mapping[str, LayerShape], budget: Budget, multiple: int, min_rank: int, *,
     spectra: Mapping[str, LayerSpectrum] | None = None, importance: Mapping[str, float] | None = None,
@@ -118,17 +98,16 @@ def plan_ranks(
     batches: Sequence[torch.Tensor] | None = None, ara: AraConfig | None = None, progress: bool = True,
 ) -> tuple[Plan, dict[str, Any]]:
     """Run the allocator ``allocation``; returns the plan and report fields (e.g. ARA's loss history)."""
-    if allocation not in ALLOCATORS:
-        raise FactorlmError(f"unknown allocation {allocation!r}; available: {', '.join(ALLOCATORS)}")
+    allocator = get_allocator(allocation)
     check_feasible(shapes, budget, multiple, min_rank)
-    if allocation == "uniform":
-        return plan_uniform(shapes, budget, multiple, min_rank), {}
-    if spectra is None:
-        raise FactorlmError(f"allocation {allocation!r} needs the layers' spectra")
+    given = {"spectra": spectra, "importance": importance, "factors": factors, "batches": batches}
+    missing = [need for need in sorted(allocator.needs) if given[need] is None]
+    if missing:
+        raise FactorlmError(f"allocation {allocation!r} needs {', '.join(missing)}, which were not computed")
     inputs = AllocationInputs(spectra=spectra, budget=budget.allocatable, multiple=multiple, min_rank=min_rank,
                               importance=importance, model=model, factors=factors, batches=batches,
-                              ara=ara or AraConfig(), progress=progress)
-    plan = allocate(allocation, inputs)
+                              ara=ara or AraConfig(), progress=progress, shapes=shapes)
+    plan = allocator.run(inputs)
     info: dict[str, Any] = {}
     if importance:
         info["sublayer_importance"] = {k: round(v, 6) for k, v in importance.items()}

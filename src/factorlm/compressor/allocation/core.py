@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ...runtime.format import FactorlmError
-from ..budget import LayerShape
+from ..budget import LayerShape, kept_params, uniform_ranks
 
 Plan = dict[str, "int | None"]
 
@@ -179,11 +179,21 @@ def _fill_leftover(spectra: Mapping[str, LayerSpectrum], plan: Plan, budget: int
         plan[best_name] = best_rank
 
 
-def allocate_uniform(spectra: Mapping[str, LayerSpectrum], budget: int, multiple: int = 8, min_rank: int = 8) -> Plan:
-    """Every layer keeps the same fraction of its parameters (today's default behaviour)."""
-    from ..budget import uniform_ranks
+def allocate_uniform(shapes: Mapping[str, LayerShape], budget: int, multiple: int = 8, min_rank: int = 8) -> Plan:
+    """Every layer keeps the same fraction of its parameters, rounded to the rank multiple, within the budget.
 
-    total = sum(s.shape.dense_params for s in spectra.values())
-    keep = budget / total
-    shapes = {n: s.shape for n, s in spectra.items()}
-    return uniform_ranks(shapes, min(keep, 1.0), multiple, min_rank)
+    The one uniform allocator (``--allocation uniform``). It needs only the layer shapes.
+    Rounding up to the multiple may overshoot the budget: the layer that overshoots its own share
+    most steps down one multiple at a time until the plan fits (deterministic, first wins ties).
+    """
+    total = sum(s.dense_params for s in shapes.values())
+    keep = min(1.0, budget / total)
+    plan = uniform_ranks(shapes, keep, multiple, min_rank)
+    while kept_params(shapes, plan) > budget:
+        over = {n: shapes[n].factored_params(r) - keep * shapes[n].dense_params
+                for n, r in plan.items() if r is not None and r - multiple >= min_rank}
+        if not over:
+            raise FactorlmError(f"budget of {budget:,} linear parameters cannot be met with uniform ranks")
+        worst = max(over, key=lambda n: over[n])
+        plan[worst] = plan[worst] - multiple  # type: ignore[operator]
+    return plan
