@@ -111,17 +111,10 @@ def _check_onnx(path: Path) -> None:
 
 
 def _build_onnx(path: Path, options: EngineOptions, name: str) -> Any:
-    from ..exporters.onnx.generator import OnnxGenerator
-    from ..exporters.onnx.serving import OrtCausalLM
-    from .torch_engine import TorchEngine
+    from .onnx_engine import build_onnx_engine
 
-    if options.threads:  # the scheduler's own tensor work (cache merging, sampling) runs in torch
-        import torch
-
-        torch.set_num_threads(options.threads)
-    generator = OnnxGenerator(path, threads=options.threads, device="cpu")
-    return TorchEngine(OrtCausalLM(generator), generator.tokenizer, model_name=name, max_batch=options.max_batch,
-                       max_queue=options.max_queue, max_model_len=options.max_model_len)
+    return build_onnx_engine(path, threads=options.threads, model_name=name, max_batch=options.max_batch,
+                             max_queue=options.max_queue, max_model_len=options.max_model_len)
 
 
 register_engine(EngineSpec(
