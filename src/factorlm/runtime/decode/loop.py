@@ -142,6 +142,14 @@ class StaticTorchLM:
         self.position += 1
         return self._step(token.to(self.device), cache_position).clone()
 
+    def kv_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the filled part of the cache, (keys, values) [B, kv_heads, position, head_dim] per layer.
+
+        The server moves a sequence from this cache into its dynamic batch with them.
+        """
+        return [(layer.keys[:, :, :self.position].clone(), layer.values[:, :, :self.position].clone())
+                for layer in self.cache.layers]
+
 
 def torch_lm(model: Any, *, compile: bool = False, max_cache_len: int | None = None) -> CausalLM:
     """The cache policy: a dynamic cache eagerly, or a static cache (of the model's context) compiled."""
