@@ -95,12 +95,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
     ap.add_argument("--before-src", required=True)
+    ap.add_argument("--after-src", default=str(Path(__file__).resolve().parents[1] / "src"),
+                    help="the tree measured as 'after' (default: this checkout)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/decode")
     args = ap.parse_args()
-    after = str(Path(__file__).resolve().parents[1] / "src")
-    trees = {"before": args.before_src, "after": after}
+    trees = {"before": args.before_src, "after": args.after_src}
     load_start = Path("/proc/loadavg").read_text().split()[:3]
     rates: dict[str, list[float]] = {}
     for r in range(args.rounds):
@@ -109,10 +110,14 @@ def main() -> None:
                 name = cell_name(model, path, tree, compile)
                 rates.setdefault(name, []).append(measure(trees[tree], model, path, compile, args.new_tokens))
                 print(f"round {r + 1}: {name}: {rates[name][-1]:.2f} tok/s", file=sys.stderr, flush=True)
+        write(args, rates, load_start, r + 1)  # after every round, so an interrupted run keeps its rounds
+
+
+def write(args: argparse.Namespace, rates: dict[str, list[float]], load_start: list[str], rounds: int) -> None:
     load = Path("/proc/loadavg").read_text().split()[:3]
     medians = {k: statistics.median(v) for k, v in rates.items()}
     result = {"command": "python benchmarks/bench_decode.py " + " ".join(Path(m).name for m in args.models)
-              + f" --before-src BEFORE/src --rounds {args.rounds} --new-tokens {args.new_tokens}",
+              + f" --before-src BEFORE/src --rounds {rounds} --new-tokens {args.new_tokens}",
               "rates": rates, "medians": medians, "after_over_before": ratios(medians),
               "loadavg_start": load_start, "loadavg_end": load, "new_tokens": args.new_tokens, "prompt_tokens": 32,
               "threads": 1, "batch": 1}
