@@ -163,6 +163,9 @@ def materialize(model: nn.Module, prefix: str, source: SafetensorsSource, device
             raise FormatError(f"{source.where[full]}: tensor {full!r} has shape {tuple(tensor.shape)}, "
                               f"config.json expects {tuple(param.shape)}")
         tensor = tensor.to(torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise FactorlmError(f"layer {full.removesuffix('.weight')!r}: weight {full!r} contains NaN or Inf "
+                                f"({source.where[full].name})")
         if full in linear_weights:
             tensor = column_major(tensor)
         owner_name, _, attr = local.rpartition(".")

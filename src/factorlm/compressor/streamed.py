@@ -17,6 +17,7 @@ finished block.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -95,13 +96,11 @@ def compress_streamed(
     ``extra_files(report)`` gives the files written beside the weights (recipe, report).
     """
     started = time.perf_counter()
-    method = get_method(recipe.method)
+    get_method(recipe.method)
     min_rank = _check_recipe(recipe)
     shard_size_bytes(max_shard_size)
     source = SafetensorsSource(root)
     model = meta_skeleton(root)
-    device = torch.device(recipe.device)
-    opts = MethodOptions(damping=recipe.damping, beta=recipe.beta, aces=recipe.aces)
     shapes = shapes_of(compressible_linears(model))
     params_before = count_params(model)
     keep = None if recipe.reduction is not None else recipe.keep
@@ -117,8 +116,24 @@ def compress_streamed(
             logger.info("--resume: no interrupted run of %s found, starting from the first block", out)
         out.parent.mkdir(parents=True, exist_ok=True)
         state = ResumeState.fresh(tmp, key)
-    io = SourceBlocks(model, source)
+    try:
+        return _run(model, source, state, out, recipe, calib, needs_calibration, save_dtype, max_shard_size,
+                    overwrite, progress, tokenizer, extra_files, budget, shapes, params_before, min_rank, started)
+    except FactorlmError:
+        # bad input or a bad state: resuming would fail the same way, so leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
+
+def _run(model: nn.Module, source: SafetensorsSource, state: ResumeState, out: Path, recipe: Any,
+         calib: torch.Tensor | None, needs_calibration: bool, save_dtype: torch.dtype, max_shard_size: str | int,
+         overwrite: bool, progress: bool, tokenizer: Any, extra_files: Callable[[dict[str, Any]], dict[str, str | bytes]],
+         budget: Any, shapes: dict, params_before: int, min_rank: int, started: float) -> tuple[Path, dict[str, Any]]:
+    """The block walk and the save, in the temporary folder of ``state``."""
+    method = get_method(recipe.method)
+    device = torch.device(recipe.device)
+    opts = MethodOptions(damping=recipe.damping, beta=recipe.beta, aces=recipe.aces)
+    io = SourceBlocks(model, source)
     captured = None
     if needs_calibration:
         if calib is None:
