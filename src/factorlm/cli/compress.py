@@ -77,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", default="5GB", type=shard_size,
                    help="split the weights into HF-style shards with an index above this size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same recipe on the same output from its last finished block")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         recipe.extra["corrector"] = {k: getattr(hook.config, k) for k in hook.config.__dataclass_fields__}
     path, report = compress_checkpoint(model_path, args.output, recipe, overwrite=args.overwrite,
                                        progress=not args.no_progress, hooks=hooks, dtype=args.dtype,
-                                       max_shard_size=args.max_shard_size)
+                                       max_shard_size=args.max_shard_size, resume=args.resume)
     print(format_totals(report["totals"]))
     print(f"saved factored checkpoint to {path}")
     return 0
