@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from factorlm.runtime.decode import SamplingParams, StaticTorchLM, TextStream, decode_tokens, sample_next, torch_lm
+from factorlm.runtime.decode import (DynamicTorchLM, SamplingParams, StaticTorchLM, TextStream, decode_batch,
+                                     decode_tokens, sample_next, torch_lm)
 from factorlm.runtime.generate import generate_tokens, stream_text
 from factorlm.testing import make_tiny_model
 
@@ -66,6 +67,31 @@ def test_static_cache_eager_equals_dynamic_cache():
     dynamic = list(decode_tokens(torch_lm(model), ids, params))
     static = list(decode_tokens(StaticTorchLM(model, ids.shape[1] + 12), ids, params))
     assert dynamic == static and len(dynamic) == 10
+
+
+def test_decode_batch_with_left_padding_equals_each_prompt_alone():
+    model, _ = make_tiny_model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    alone = [list(decode_tokens(DynamicTorchLM(model), torch.tensor([p]), params)) for p in prompts]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    marks = []
+    assert decode_batch(DynamicTorchLM(model), ids, params, attention_mask=mask, marks=marks.append) == alone
+    assert marks == ["first", "end"]
+
+
+def test_decode_batch_stops_each_row_at_its_first_stop_id_and_static_equals_dynamic():
+    model, _ = make_tiny_model()
+    ids = torch.tensor([list(range(3, 13)), list(range(20, 30))])
+    params = SamplingParams(max_new_tokens=7, ignore_eos=True)
+    full = decode_batch(DynamicTorchLM(model), ids, params)
+    assert decode_batch(StaticTorchLM(model, 24), ids, params) == full and all(len(r) == 7 for r in full)
+    stop = full[0][2]
+    stopped = decode_batch(DynamicTorchLM(model), ids, SamplingParams(max_new_tokens=7, stop_token_ids=[stop]))
+    for row, got in zip(full, stopped):
+        assert got == (row[:row.index(stop)] if stop in row else row)
 
 
 @pytest.mark.slow  # compiling the step takes a minute on CPU

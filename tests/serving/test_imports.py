@@ -1,4 +1,5 @@
-"""Imports point down: exporters never import the server, and the server's modules form no cycle.
+"""Imports point down: the runtime imports no layer above it, exporters never import the server,
+and no factorlm modules form an import cycle.
 
 Read from the source (every ``import`` statement, function-level ones included), so a lazy
 import inside a function counts as much as one at the top of a module.
@@ -43,13 +44,30 @@ def imports_of(path: Path) -> set[str]:
 
 
 def test_imports_of_resolves_relative_imports():
-    engines = imports_of(SRC / "serving" / "engines.py")
-    assert "factorlm.exporters.onnx.serving" in engines and "factorlm.serving.torch_engine" in engines
+    onnx_engine = imports_of(SRC / "serving" / "onnx_engine.py")
+    assert "factorlm.exporters.onnx.generator" in onnx_engine and "factorlm.serving.torch_engine" in onnx_engine
+    assert "factorlm.serving.onnx_engine" in imports_of(SRC / "serving" / "engines.py")
+
+
+def _offenders(layer: str, forbidden: tuple[str, ...]) -> set[str]:
+    return {f"{_module_name(p)} -> {name}" for p in sorted((SRC / layer).rglob("*.py"))
+            for name in imports_of(p) for f in forbidden if name == f"factorlm.{f}" or name.startswith(f"factorlm.{f}.")}
+
+
+def test_the_runtime_imports_no_layer_above_it():
+    offenders = _offenders("runtime", ("compressor", "serving", "exporters", "bench", "cli", "eval"))
+    assert not offenders, sorted(offenders)
+
+
+def test_the_server_engine_factory_lives_in_serving():
+    assert not (SRC / "exporters" / "onnx" / "serving.py").exists()
+    classes = {node.name for p in (SRC / "exporters").rglob("*.py") for node in ast.parse(p.read_text()).body
+               if isinstance(node, ast.ClassDef)}
+    assert "OrtCausalLM" not in classes
 
 
 def test_exporters_never_import_serving():
-    offenders = {f"{_module_name(p)} -> {name}" for p in sorted((SRC / "exporters").rglob("*.py"))
-                 for name in imports_of(p) if name == "factorlm.serving" or name.startswith("factorlm.serving.")}
+    offenders = _offenders("exporters", ("serving",))
     assert not offenders, sorted(offenders)
 
 
@@ -76,7 +94,7 @@ def test_serving_modules_have_no_import_cycle():
 
 
 def test_importing_the_onnx_exporter_loads_no_server_module():
-    code = ("import sys, factorlm.exporters.onnx.serving, factorlm.exporters.onnx.generator; "
+    code = ("import sys, factorlm.exporters.onnx, factorlm.exporters.onnx.generator, factorlm.exporters.onnx.export; "
             "print(sorted(m for m in sys.modules if m.startswith('factorlm.serving')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]"
@@ -85,7 +103,8 @@ def test_importing_the_onnx_exporter_loads_no_server_module():
 @pytest.mark.slow  # one interpreter per module: a few minutes
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """Each factorlm module imports first in its own interpreter: no import cycle hides behind import order."""
-    names = sorted(_module_name(p) for p in SRC.rglob("*.py") if "__pycache__" not in p.parts)
+    names = sorted(_module_name(p) for p in SRC.rglob("*.py")
+                   if "__pycache__" not in p.parts and p.name != "__main__.py")  # __main__ runs the CLI
     code = ("import importlib, subprocess, sys\n"
             "bad = []\n"
             "for name in sys.argv[1:]:\n"

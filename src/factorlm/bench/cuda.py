@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 
-from ..runtime.decode import StaticTorchLM
+from ..runtime.decode import SamplingParams, StaticTorchLM, decode_batch
 from .runner import BenchConfig, EngineUnavailable, RunTiming, as_prompt_lists
 
 log = logging.getLogger(__name__)
 
 
 class StaticGreedyDecoder:
-    """Greedy timing loop over the runtime's static-cache ``StaticTorchLM`` (any batch size).
+    """Greedy decoding of a batch through the runtime's static-cache ``StaticTorchLM`` and decode loop.
 
-    The decoder itself (static cache, compiled step, CUDA graphs) lives in
-    ``factorlm.runtime.decode``; this adds only the phase marks the timers read.
+    The decoder itself (static cache, compiled step, CUDA graphs) and the loop live in
+    ``factorlm.runtime.decode``; this only checks the length and hands the timers' marks on.
     """
 
     def __init__(self, model: Any, max_cache_len: int, compile: bool = False,
@@ -36,22 +36,13 @@ class StaticGreedyDecoder:
         self.lm = StaticTorchLM(model, max_cache_len, compile=compile, compile_mode=compile_mode)
         self.max_cache_len = max_cache_len
 
-    @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new_tokens: int,
                  marks: Callable[[str], None] | None = None) -> torch.Tensor:
         """Greedy tokens [B, new_tokens]; ``marks('first')`` / ``marks('end')`` let a caller time the phases."""
         if ids.shape[1] + new_tokens > self.max_cache_len:
             raise ValueError(f"{ids.shape[1]} + {new_tokens} tokens exceed the cache of {self.max_cache_len}")
-        token = self.lm.prefill(ids).argmax(-1, keepdim=True)
-        if marks:
-            marks("first")
-        out = [token]
-        for _ in range(new_tokens - 1):
-            token = self.lm.step(token).argmax(-1, keepdim=True)
-            out.append(token)
-        if marks:
-            marks("end")
-        return torch.cat(out, dim=1)
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        return torch.tensor(decode_batch(self.lm, ids, params, marks=marks))
 
 
 class CudaTorchRunner:

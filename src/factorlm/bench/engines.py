@@ -21,14 +21,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..runtime.decode import CausalLM, DynamicTorchLM, SamplingParams, StaticTorchLM, decode_batch
 from .llamacpp_c import GgufPeer
 from .runner import BenchConfig, EngineSpec, EngineUnavailable, RunTiming, as_prompt_lists, register_engine
 
 log = logging.getLogger(__name__)
 
 
+def timed_greedy(runner: Any, lm: CausalLM, ids: torch.Tensor, new_tokens: int) -> RunTiming:
+    """Greedy ``new_tokens`` per row through the runtime's decode loop, timed to the first token and after.
+
+    The tokens are kept on ``runner.last_tokens`` (the tests compare engines with them).
+    """
+    marks: dict[str, float] = {}
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    runner.last_tokens = decode_batch(lm, ids, params, marks=lambda k: marks.__setitem__(k, time.perf_counter()))
+    return RunTiming(marks["first"] - t0, marks["end"] - marks["first"], ids.shape[0], ids.shape[1], new_tokens)
+
+
 class TorchRunner:
-    """The factorlm torch runtime on CPU: ``load_model`` and a DynamicCache greedy loop."""
+    """The factorlm torch runtime on CPU: ``load_model`` and the decode loop over a DynamicCache, greedy."""
 
     kv_element_bytes = 4
     file_weight_bytes = None
@@ -44,24 +57,8 @@ class TorchRunner:
         self.kv_element_bytes = self.element_bytes
         self.last_tokens: list[list[int]] = []
 
-    @torch.inference_mode()
     def run(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> RunTiming:
-        from transformers import DynamicCache
-
-        ids = torch.tensor(as_prompt_lists(prompts))
-        cache = DynamicCache(config=self.model.config)
-        t0 = time.perf_counter()
-        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        token = logits.argmax(-1, keepdim=True)
-        t1 = time.perf_counter()
-        out = [token]
-        for _ in range(new_tokens - 1):
-            logits = self.model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True)
-            out.append(token)
-        t2 = time.perf_counter()
-        self.last_tokens = torch.cat(out, dim=1).tolist()
-        return RunTiming(t1 - t0, t2 - t1, ids.shape[0], ids.shape[1], new_tokens)
+        return timed_greedy(self, DynamicTorchLM(self.model), torch.tensor(as_prompt_lists(prompts)), new_tokens)
 
     def close(self) -> None:
         del self.model
@@ -86,7 +83,6 @@ class CompiledCpuRunner:
         import shutil
 
         from ..runtime.checkpoint import load_model
-        from .cuda import StaticGreedyDecoder
 
         if config.device != "cpu":
             raise EngineUnavailable("torch-compile is the CPU engine; on CUDA the torch engine already compiles")
@@ -95,20 +91,17 @@ class CompiledCpuRunner:
         torch.set_num_threads(config.threads)
         self.model = load_model(model_dir)
         self.max_cache_len = config.prompt_tokens + config.new_tokens + 8
-        self._decoder = StaticGreedyDecoder
-        self.decoders: dict[int, Any] = {}
+        self.decoders: dict[int, StaticTorchLM] = {}
         self.last_tokens: list[list[int]] = []
 
     def run(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> RunTiming:
         ids = torch.tensor(as_prompt_lists(prompts))
         batch = ids.shape[0]
-        if batch not in self.decoders:
-            self.decoders[batch] = self._decoder(self.model, self.max_cache_len, compile=True, compile_mode="default")
-        marks: dict[str, float] = {}
-        t0 = time.perf_counter()
-        tokens = self.decoders[batch].generate(ids, new_tokens, marks=lambda k: marks.__setitem__(k, time.perf_counter()))
-        self.last_tokens = tokens.tolist()
-        return RunTiming(marks["first"] - t0, marks["end"] - marks["first"], batch, ids.shape[1], new_tokens)
+        if ids.shape[1] + new_tokens > self.max_cache_len:
+            raise ValueError(f"{ids.shape[1]} + {new_tokens} tokens exceed the cache of {self.max_cache_len}")
+        if batch not in self.decoders:  # one static cache (and compiled step) per batch size
+            self.decoders[batch] = StaticTorchLM(self.model, self.max_cache_len, compile=True, compile_mode="default")
+        return timed_greedy(self, self.decoders[batch], ids, new_tokens)
 
     def close(self) -> None:
         self.decoders.clear()
@@ -153,7 +146,7 @@ def onnx_folder(model_dir: Path, variant: str, config: BenchConfig) -> Path:
 
 
 class OnnxRunner:
-    """ONNX Runtime through ``OnnxGenerator`` (IOBinding, cache kept as OrtValues), greedy."""
+    """ONNX Runtime through ``OnnxGenerator``'s ``CausalLM`` (IOBinding, cache kept as OrtValues), greedy."""
 
     file_weight_bytes = None
     max_batch = None
@@ -169,33 +162,8 @@ class OnnxRunner:
         self.kv_element_bytes = np.dtype(self.gen.kv_dtype).itemsize
         self.last_tokens: list[list[int]] = []
 
-    def _empty_past(self, batch: int) -> list[Any]:
-        import onnxruntime as ort
-
-        shape = self.gen.shape
-        empty = np.zeros((batch, shape.num_kv_heads, 0, shape.head_dim), self.gen.kv_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(empty, self.gen.device, 0) for _ in self.gen.past_names]
-
     def run(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> RunTiming:
-        rows = as_prompt_lists(prompts)
-        ids = np.asarray(rows, np.int64)
-        batch, width = ids.shape
-        mask = np.ones((batch, width), np.int64)
-        pos = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width))
-        t0 = time.perf_counter()
-        logits, past = self.gen.step(ids, mask, pos, self._empty_past(batch))
-        token = logits.argmax(-1).reshape(batch, 1)
-        t1 = time.perf_counter()
-        out = [token]
-        for _ in range(new_tokens - 1):
-            mask = np.ones((batch, mask.shape[1] + 1), np.int64)
-            pos = np.full((batch, 1), mask.shape[1] - 1, np.int64)
-            logits, past = self.gen.step(token, mask, pos, past)
-            token = logits.argmax(-1).reshape(batch, 1)
-            out.append(token)
-        t2 = time.perf_counter()
-        self.last_tokens = np.concatenate(out, axis=1).tolist()
-        return RunTiming(t1 - t0, t2 - t1, batch, width, new_tokens)
+        return timed_greedy(self, self.gen.lm(), torch.tensor(as_prompt_lists(prompts)), new_tokens)
 
     def close(self) -> None:
         del self.gen

@@ -99,6 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", default="5GB", type=shard_size,
                    help="split the weights into HF-style shards with an index above this size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same recipe on the same output from its last finished block")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -217,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
     if recipe.heal is not None:
         check_context(model_path, int(recipe.heal.get("seq_len", 512)), "heal.seq_len")
     path, report = compress(model_path, args.output, recipe, overwrite=args.overwrite,
-                            progress=not args.no_progress, max_shard_size=args.max_shard_size)
+                            progress=not args.no_progress, max_shard_size=args.max_shard_size,
+                            resume=getattr(args, "resume", False))
     print(format_totals(report["totals"]))
     if "heal" in report:
         h = report["heal"]

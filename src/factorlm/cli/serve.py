@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest max_tokens a request may ask for")
     p.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads of the forward pass (torch, and ONNX Runtime for --engine onnx)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch engine: a request decoding alone runs a static KV cache with the decode step "
+                        "compiled by torch.compile (needs a C++ compiler on CPU; the first requests pay the compile "
+                        "time); concurrent requests are batched as without it")
     limits = HttpLimits()
     p.add_argument("--max-body-mib", type=_positive(float), default=limits.max_body_bytes / MIB,
                    help="largest request body, announced or chunked (default %(default)g MiB; larger: 413)")
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     limits = HttpLimits(max_body_bytes=int(args.max_body_mib * MIB), body_timeout_s=args.body_timeout,
                         header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout)
     options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                            served_model_name=args.served_model_name, threads=args.threads)
+                            served_model_name=args.served_model_name, threads=args.threads, compile=args.compile)
     engine = create_engine(args.engine, path, options)
     app = create_app(engine, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit, limits=limits)
     print(f"factorlm: serving {engine.model_name!r} ({args.engine}) on http://{args.host}:{args.port}/v1", flush=True)

@@ -87,20 +87,19 @@ def heal_config(recipe: CompressionRecipe) -> Any:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A local model folder, or ``sample`` for the built-in sample model (materialised on demand)."""
+    """A local model folder, a hub id already in the local cache, or ``sample`` (materialised on demand)."""
     if str(model) == SAMPLE_ALIAS:
         from ..sample_model import materialize_sample_model
 
         return materialize_sample_model()
-    path = Path(model)
-    if not path.is_dir():
-        raise FactorlmError(f"{path}: model folder not found (give a local folder, or 'sample' for the built-in model)")
-    return path
+    from .source import resolve_source
+
+    return resolve_source(model)
 
 
 def compress(model: str | Path, out: str | Path, recipe: CompressionRecipe | str | Path, *,
              overwrite: bool = False, progress: bool = True, max_shard_size: str | int | None = None,
-             ) -> tuple[Path, dict[str, Any]]:
+             resume: bool = False) -> tuple[Path, dict[str, Any]]:
     """Compress ``model`` (a folder or ``sample``) into ``out`` following ``recipe``; returns (path, report).
 
     ``recipe`` is a :class:`CompressionRecipe` or the path of a recipe YAML file (such as a
@@ -108,7 +107,8 @@ def compress(model: str | Path, out: str | Path, recipe: CompressionRecipe | str
     recipe's correctors, if any), then, with a ``heal`` section, end-to-end distillation
     against the dense model. The checkpoint's ``factorlm_recipe.yaml`` records every field
     the run used (calibration source and dtype resolved), so replaying it gives the same
-    tensors. Nothing is written unless the whole run succeeds.
+    tensors. Nothing is written unless the whole run succeeds (``resume`` continues a killed
+    block-streamed run from its last finished block).
     """
     from . import finetune, pipeline
     from .corrector_pass import CorrectorConfig, CorrectorHook
@@ -129,12 +129,12 @@ def compress(model: str | Path, out: str | Path, recipe: CompressionRecipe | str
     cfg = heal_config(r)
     if cfg is None:
         return pipeline.compress_checkpoint(model_path, out, r, overwrite=overwrite, progress=progress, hooks=hooks,
-                                            dtype=r.dtype, **shard)
+                                            dtype=r.dtype, resume=resume, **shard)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.compressed-", dir=out.parent))
     try:
         _, report = pipeline.compress_checkpoint(model_path, stage / "c", r, progress=progress, hooks=hooks,
-                                                 dtype=r.dtype, **shard)
+                                                 dtype=r.dtype, resume=resume, **shard)
         source = r.heal_source() or SAMPLE_ALIAS
         logger.info("healing: %d distillation steps on %s", cfg.steps, source)
         path, heal_report = finetune.finetune_checkpoint(stage / "c", model_path, out, source, cfg,

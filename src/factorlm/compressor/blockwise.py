@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -84,6 +84,23 @@ def input_groups(names: Sequence[str], stats: Mapping[str, InputStats]) -> list[
     return groups
 
 
+class BlockIO(Protocol):
+    """Where a block's weights come from and go to when the model is larger than RAM.
+
+    ``load`` brings block ``index``'s parameters onto the CPU before it is processed,
+    ``release`` frees them afterwards (see :mod:`.source`). Without one, every block is
+    already in memory.
+    """
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def release(self, index: int, block: nn.Module) -> None: ...
+
+
+# called after block ``index`` is finished: (index, block, its report rows, student stream, teacher stream)
+BlockDone = Callable[[int, nn.Module, list[dict[str, Any]], list[torch.Tensor], "list[torch.Tensor] | None"], None]
+
+
 @dataclass
 class StreamResult:
     """Per-layer report rows (in execution order) of a streaming compression."""
@@ -95,6 +112,8 @@ def compress_blocks(
     model: nn.Module, captured: CapturedInputs | None, plan: Mapping[str, int | None], method: Method,
     opts: MethodOptions, *, hooks: Sequence[BlockHook] = (), device: torch.device | str = "cpu",
     keep_teacher: bool | None = None, progress: bool = True, sequential: bool = True,
+    io: BlockIO | None = None, on_block_done: BlockDone | None = None, start: int = 0,
+    streams: tuple[list[torch.Tensor], list[torch.Tensor] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Factorize every block linear in place, block by block; returns the report rows.
 
@@ -107,6 +126,10 @@ def compress_blocks(
     statistics come from the dense block (one pass). The teacher stream runs the dense block
     once per block (:func:`.streaming.teacher_pass`, its linears' inputs kept on the CPU), so a
     group costs one student forward that stops after the group's input.
+
+    Larger-than-RAM runs pass ``io`` (load a block's weights before, release them after)
+    and ``on_block_done`` (write the finished block); a resumed run starts at block
+    ``start`` with the ``streams`` (student, teacher) saved after block ``start - 1``.
     """
     device = torch.device(device)
     spec = get_arch(model.config)
@@ -118,10 +141,18 @@ def compress_blocks(
     teacher_needed = (method.needs_teacher or bool(hooks)) if keep_teacher is None else keep_teacher
     student = list(captured.hidden) if streaming else []
     teacher = student if streaming and teacher_needed else None
+    if streams is not None and start > 0:
+        student, teacher = list(streams[0]), (list(streams[1]) if streams[1] is not None else None)
+        if teacher is None and streaming and teacher_needed:
+            raise FactorlmError("resuming a teacher-stream method needs the saved teacher stream")
     rows: list[dict[str, Any]] = []
     bar = tqdm(layers, desc=f"compress ({method.name})", unit="block", disable=not progress)
     for index, block in enumerate(bar):
+        if index < start:
+            continue
         prefix = f"{spec.layers_path}.{index}"
+        if io is not None:
+            io.load(index, block)
         block.to(device)
         kwargs = to_device(captured.block_kwargs[index], device) if streaming else {}
         started = time.perf_counter()
@@ -191,6 +222,11 @@ def compress_blocks(
         block.to("cpu")
         if dense_block is not None:
             del dense_block
+        if on_block_done is not None:
+            on_block_done(index, block, list(block_rows.values()), student,
+                          teacher if teacher is not student else None)
+        if io is not None:
+            io.release(index, block)
     return rows
 
 
@@ -221,11 +257,13 @@ def layer_spectrum_basis(weight: torch.Tensor, stats: InputStats | None, method:
     return w @ white.sqrt, white.inv_sqrt
 
 
-def weight_spectra(model: nn.Module) -> dict[str, LayerSpectrum]:
+def weight_spectra(model: nn.Module, io: BlockIO | None = None) -> dict[str, LayerSpectrum]:
     """Plain singular-value energies of every block linear (for ``svd`` without calibration)."""
     spec = get_arch(model.config)
     out: dict[str, LayerSpectrum] = {}
     for index, block in enumerate(decoder_layers(model)):
+        if io is not None:
+            io.load(index, block)
         for local in spec.block_linear_names():
             lin = block.get_submodule(local)
             full = f"{spec.layers_path}.{index}.{local}"
@@ -233,6 +271,8 @@ def weight_spectra(model: nn.Module) -> dict[str, LayerSpectrum]:
             out[full] = LayerSpectrum(full, LayerShape(lin.out_features, lin.in_features),
                                       spectrum_energy(lin.weight.detach()).cpu(),
                                       f"{spec.layers_path}.{index}.{sublayer_of(local)}")
+        if io is not None:
+            io.release(index, block)
     return out
 
 
@@ -240,6 +280,7 @@ def weight_spectra(model: nn.Module) -> dict[str, LayerSpectrum]:
 def spectra_pass(
     model: nn.Module, captured: CapturedInputs, method: Method, opts: MethodOptions, *,
     importance: bool = False, factors: bool = False, device: torch.device | str = "cpu", progress: bool = True,
+    io: BlockIO | None = None,
 ) -> SpectraResult:
     """One dense-stream pass: per-linear energies (and importance / ARA factors on request)."""
     started = time.perf_counter()
@@ -251,6 +292,8 @@ def spectra_pass(
     result = SpectraResult({}, {}, {})
     for index, block in enumerate(tqdm(decoder_layers(model), desc="spectra", unit="block", disable=not progress)):
         prefix = f"{spec.layers_path}.{index}"
+        if io is not None:
+            io.load(index, block)
         block.to(device)
         kwargs = to_device(captured.block_kwargs[index], device)
         bstats = block_statistics(block, names, dense, None, kwargs, device, where=prefix)
@@ -274,6 +317,8 @@ def spectra_pass(
                                                  bstats.student_out, kwargs, device))
         dense = bstats.student_out
         block.to("cpu")
+        if io is not None:
+            io.release(index, block)
     result.time_s = time.perf_counter() - started
     return result
 

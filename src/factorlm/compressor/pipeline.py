@@ -210,29 +210,39 @@ def source_dtype(model_path: str | Path) -> torch.dtype:
 def compress_checkpoint(
     model_path: str | Path, out_dir: str | Path, recipe: CompressionRecipe, *, overwrite: bool = False,
     progress: bool = True, hooks: Sequence[BlockHook] | None = None,
-    dtype: str | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    dtype: str | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, resume: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Load a dense model folder, compress it, write the factored checkpoint atomically.
+    """Compress a dense model folder (or a cached hub id) into a factored checkpoint, atomically.
 
     The math runs in fp32 whatever the source; the checkpoint is written in the source's
     dtype (read from its safetensors headers) unless ``dtype`` (``bf16``/``fp16``/``fp32``)
     says otherwise, sharded above ``max_shard_size``.
 
-    ``hooks`` (see :mod:`.hooks`) run on every block after its factorization; what they
-    reserve is taken out of the rank budget, their ``finalize`` runs before the save.
+    Without hooks and ARA the model is never loaded whole: each block is read from the source
+    when processed and written out when done (:mod:`.streamed`), and ``resume`` continues a
+    killed run of the same recipe from its last finished block. ``hooks`` (see :mod:`.hooks`)
+    and ARA need the whole model (end-to-end passes), so they load it in fp32 as before.
     """
+    from .source import resolve_source
+    from .streamed import compress_streamed, supports_streaming
+
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass --overwrite to replace it")
     get_method(recipe.method)
+    model_path = resolve_source(model_path)
     save_dtype = parse_dtype(dtype) if dtype else source_dtype(model_path)
     hooks = list(hooks or [])
+    streamed = supports_streaming(recipe, hooks)
+    if resume and not streamed:
+        raise FactorlmError("--resume needs the block-streamed compressor, which block hooks (--corrector) and "
+                            "--allocation ara do not use; run without --resume")
     started = time.perf_counter()
-    model = load_model(model_path, device="cpu", dtype=torch.float32)
     tokenizer = load_tokenizer(model_path)
     calib = None
     source = recipe.calibration_source()
-    if needs_calibration(recipe, hooks) or source:
+    needed = needs_calibration(recipe, hooks)
+    if needed or source:
         from .calib_sources import SAMPLE_SOURCE, calibration_windows
 
         if not source:
@@ -240,15 +250,24 @@ def compress_checkpoint(
             source = SAMPLE_SOURCE
             recipe.calib = source
         calib = calibration_windows(tokenizer, source, recipe.calib_samples, recipe.calib_len, recipe.seed)
+
+    def extra_files(report: dict[str, Any]) -> dict[str, str | bytes]:
+        files: dict[str, str | bytes] = {RECIPE_FILE: recipe.to_yaml(), REPORT_FILE: json.dumps(report, indent=2)}
+        for hook in hooks:
+            files.update(getattr(hook, "extra_files", dict)())
+        return files
+
+    if streamed:
+        return compress_streamed(model_path, out, recipe, calib, needs_calibration=needed, save_dtype=save_dtype,
+                                 max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                                 resume=resume, tokenizer=tokenizer, extra_files=extra_files)
+    model = load_model(model_path, device="cpu", dtype=torch.float32)
     report = compress_model(model, recipe, calib, hooks=hooks, progress=progress)
     report["totals"]["wall_time_s"] = round(time.perf_counter() - started, 2)
     dense = [row["module"] for row in report["layers"] if row["dense"]]
-    extra_files: dict[str, str | bytes] = {RECIPE_FILE: recipe.to_yaml(), REPORT_FILE: json.dumps(report, indent=2)}
-    for hook in hooks:
-        extra_files.update(getattr(hook, "extra_files", dict)())
     path = save_factored(
         model, out, tokenizer=tokenizer, config=FactoredConfig(ranks={}, dense=dense),
-        extra_files=extra_files, overwrite=overwrite, dtype=save_dtype, max_shard_size=max_shard_size,
+        extra_files=extra_files(report), overwrite=overwrite, dtype=save_dtype, max_shard_size=max_shard_size,
     )
     return path, report
 

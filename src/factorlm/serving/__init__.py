@@ -2,7 +2,7 @@
 
 Layout (imports point down the list): ``protocol`` (request schemas) and ``errors``;
 ``engine`` (the engine protocol and its event types); ``torch_engine`` and ``batch_cache``
-(the scheduler); ``engines`` (the registry that builds an engine for a folder);
+(the scheduler); ``onnx_engine`` (the scheduler over an ONNX Runtime graph); ``engines`` (the registry that builds an engine for a folder);
 ``tokenize``, ``openai_format``, ``streaming`` and ``handlers`` (request handling);
 ``middleware`` and ``app`` (the HTTP app); ``server`` (uvicorn). Names are loaded on use,
 so ``import factorlm.serving.engines`` stays light.

@@ -32,6 +32,7 @@ class EngineOptions:
     max_model_len: int | None = None
     served_model_name: str | None = None
     threads: int | None = None  # CPU threads of the forward pass (torch intra-op / ORT intra-op)
+    compile: bool = False  # torch: a lone sequence decodes through the compiled static-cache decoder
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class EngineSpec:
     folder: str  # what the model folder must be, for messages
     check: Callable[[Path], None]  # cheap check of the folder, before anything is loaded
     build: Callable[[Path, EngineOptions, str], Any]  # (folder, options, served name) -> Engine
+    compiles: bool = False  # whether --compile means something to this engine
 
 
 ENGINES: dict[str, EngineSpec] = {}
@@ -75,6 +77,8 @@ def create_engine(name: str, model_dir: str | os.PathLike, options: EngineOption
                             f"{options.max_queue}")
     if options.threads is not None and options.threads < 1:
         raise FactorlmError(f"--threads must be >= 1, got {options.threads}")
+    if options.compile and not spec.compiles:
+        raise FactorlmError(f"--compile applies to the torch engine, not to {name}")
     for module, extra in spec.packages:
         if importlib.util.find_spec(module) is None:
             raise FactorlmError(f"the {name} engine needs the '{module}' package: pip install 'factorlm[{extra}]'")
@@ -92,15 +96,23 @@ def _check_torch(path: Path) -> None:
 
 
 def _build_torch(path: Path, options: EngineOptions, name: str) -> Any:
+    import torch
+
     from ..runtime.checkpoint import load_model, load_tokenizer
     from .torch_engine import TorchEngine
 
     if options.threads:
-        import torch
-
         torch.set_num_threads(options.threads)
+    if options.compile and not torch.cuda.is_available() and not _has_cxx():  # before the model loads
+        raise FactorlmError("--compile on CPU needs a C++ compiler (g++) on PATH for torch.compile")
     return TorchEngine(load_model(path), load_tokenizer(path), model_name=name, max_batch=options.max_batch,
-                       max_queue=options.max_queue, max_model_len=options.max_model_len)
+                       max_queue=options.max_queue, max_model_len=options.max_model_len, compile=options.compile)
+
+
+def _has_cxx() -> bool:
+    import shutil
+
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
 
 
 # ---- onnx -----------------------------------------------------------------------------------------
@@ -111,23 +123,16 @@ def _check_onnx(path: Path) -> None:
 
 
 def _build_onnx(path: Path, options: EngineOptions, name: str) -> Any:
-    from ..exporters.onnx.generator import OnnxGenerator
-    from ..exporters.onnx.serving import OrtCausalLM
-    from .torch_engine import TorchEngine
+    from .onnx_engine import build_onnx_engine
 
-    if options.threads:  # the scheduler's own tensor work (cache merging, sampling) runs in torch
-        import torch
-
-        torch.set_num_threads(options.threads)
-    generator = OnnxGenerator(path, threads=options.threads, device="cpu")
-    return TorchEngine(OrtCausalLM(generator), generator.tokenizer, model_name=name, max_batch=options.max_batch,
-                       max_queue=options.max_queue, max_model_len=options.max_model_len)
+    return build_onnx_engine(path, threads=options.threads, model_name=name, max_batch=options.max_batch,
+                             max_queue=options.max_queue, max_model_len=options.max_model_len)
 
 
 register_engine(EngineSpec(
     name="torch", summary="PyTorch continuous batching over a dense or factored checkpoint",
     packages=(), folder="a dense or factored checkpoint folder",
-    check=_check_torch, build=_build_torch))
+    check=_check_torch, build=_build_torch, compiles=True))
 register_engine(EngineSpec(
     name="onnx", summary="the same scheduler with ONNX Runtime doing the forward passes",
     packages=(("onnxruntime", "onnx"),), folder="a folder written by 'factorlm export onnx'",

@@ -5,6 +5,12 @@ prefill each, then their KV rows are padded into the running batch), runs one de
 for every running sequence at once, and removes finished or cancelled rows. Dense and
 factored checkpoints run alike: factored ones are ordinary models whose linears are
 FactoredLinear.
+
+With ``compile=True`` a request that arrives when nothing else runs decodes alone through
+the runtime's compiled static-cache decoder (:class:`~factorlm.runtime.decode.StaticTorchLM`,
+one per power-of-two cache length, so a few shapes get compiled); as soon as a second
+request joins, its cache is copied into the dynamic batch and continuous batching goes on
+as without ``compile``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 import torch
 
 from ..runtime.format import FactorlmError
-from ..runtime.decode import TextStream, eos_token_ids, sample_next
+from ..runtime.decode import StaticTorchLM, TextStream, eos_token_ids, sample_next
 from . import batch_cache as bc
 from .engine import (EngineDeadError, GenerationRequest, NeverFitsError, QueueFullError, RequestHandle, TokenEvent,
                      TokenLogprob)
@@ -49,7 +55,7 @@ class TorchEngine:
     supports_logprobs = True
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str = "model", max_batch: int = 16,
-                 max_queue: int = 64, max_model_len: int | None = None) -> None:
+                 max_queue: int = 64, max_model_len: int | None = None, compile: bool = False) -> None:
         if max_batch < 1 or max_queue < 0:
             raise FactorlmError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model.eval()
@@ -68,6 +74,9 @@ class TorchEngine:
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._mask: torch.Tensor | None = None
         self._cache: Any = None
+        self.compile = compile
+        self._static_lms: dict[int, StaticTorchLM] = {}  # by cache length
+        self._static: StaticTorchLM | None = None  # decoding the one running sequence, when set
         self._stop = False
         self._thread: threading.Thread | None = None
         self._dead = False
@@ -157,7 +166,32 @@ class TorchEngine:
             seq.handle.push(TokenEvent(error=message))
         for handle in extra:
             handle.push(TokenEvent(error=message))
-        self._running, self._layers, self._mask, self._cache = [], None, None, None
+        self._running, self._layers, self._mask, self._cache, self._static = [], None, None, None, None
+
+    def _static_lm(self, tokens: int) -> StaticTorchLM:
+        """The compiled static-cache decoder for ``tokens`` (prompt + new) tokens: the next power of two."""
+        length = min(max(64, 1 << tokens.bit_length()), self.max_model_len + 1)
+        if length not in self._static_lms:
+            self._static_lms[length] = StaticTorchLM(self.model, length, compile=True)
+        return self._static_lms[length]
+
+    def _admit_static(self, seq: _Seq, ids: torch.Tensor) -> None:
+        """Prefill the only running sequence into a compiled static-cache decoder."""
+        lm = self._static_lm(ids.shape[1] + seq.handle.request.params.max_new_tokens)
+        logits = lm.prefill(ids)
+        seq.cached = ids.shape[1]
+        self._accept(seq, logits[0])
+        if not seq.done:
+            self._static = lm
+            self._running.append(seq)
+
+    def _leave_static(self) -> None:
+        """Copy the static-cache sequence into the dynamic batch (a second request is joining)."""
+        assert self._static is not None
+        layers = self._static.kv_prefix()
+        self._static = None
+        self._layers, self._mask = layers, torch.ones(1, layers[0][0].shape[2], dtype=torch.long, device=self.device)
+        self._cache = bc.build_cache(self._layers)
 
     def _admit(self, handle: RequestHandle) -> None:
         """Prefill one prompt alone, sample its first token and pad its KV rows into the batch."""
@@ -168,6 +202,10 @@ class TorchEngine:
         seq = _Seq(handle, torch.Generator(device=self.device).manual_seed(seed), req.params.stop_ids(self._eos),
                    TextStream(self.tokenizer, req.params.stop))
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+        if self.compile and not self._running and self._admitting == 1:
+            return self._admit_static(seq, ids)
+        if self._static is not None:
+            self._leave_static()
         cache = DynamicCache()
         logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         seq.cached = ids.shape[1]
@@ -183,6 +221,13 @@ class TorchEngine:
 
     def _step(self) -> None:
         """One decode step for every running sequence."""
+        if self._static is not None:
+            seq = self._running[0]
+            logits = self._static.step(torch.tensor([[seq.pending]], dtype=torch.long, device=self.device))
+            seq.cached += 1
+            if not seq.handle.cancelled:
+                self._accept(seq, logits[0])
+            return
         assert self._mask is not None
         ids = torch.tensor([[s.pending] for s in self._running], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.cached] for s in self._running], dtype=torch.long, device=self.device)
@@ -206,7 +251,7 @@ class TorchEngine:
                                            completion_tokens=seq.completion_tokens))
         self._running = [self._running[i] for i in keep]
         if not keep:
-            self._layers, self._mask, self._cache = None, None, None
+            self._layers, self._mask, self._cache, self._static = None, None, None, None
             return
         assert self._mask is not None
         self._layers, self._mask = bc.select(bc.cache_tensors(self._cache), self._mask, keep)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ...runtime.format import FactorlmError
-from ...runtime.decode import GenerationStats, SamplingParams, decode_tokens, make_generator, sample_next
+from ...runtime.decode import GenerationStats, SamplingParams, decode_batch, decode_tokens
 from .graph import CacheShape
 from .metadata import read_metadata
 
@@ -117,32 +117,8 @@ class OnnxGenerator:
         """New tokens per prompt (left-padded batch); a row stops at its first stop id (not included)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise FactorlmError("generate_batch needs at least one prompt and no empty prompt")
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        ids = np.zeros((batch, width), np.int64)
-        mask = np.zeros((batch, width), np.int64)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = p
-            mask[r, width - len(p):] = 1
-        stop_ids = params.stop_ids(stop_ids)
-        generator = make_generator(params.seed)
-        pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-        logits, past = self.step(ids, mask, pos, self._empty_past(batch))
-        out: list[list[int]] = [[] for _ in prompts]
-        done = [False] * batch
-        for step in range(params.max_new_tokens):
-            tokens = sample_next(torch.from_numpy(logits), params, generator).numpy()
-            for r, t in enumerate(tokens.tolist()):
-                if not done[r]:
-                    if t in stop_ids:
-                        done[r] = True
-                    else:
-                        out[r].append(t)
-            if all(done) or step + 1 == params.max_new_tokens:
-                break
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            pos = mask.sum(-1, keepdims=True) - 1
-            logits, past = self.step(tokens.reshape(batch, 1), mask, pos, past)
-        return out
+        ids, mask = left_padded(prompts)
+        return decode_batch(self.lm(), ids, params, stop_ids, attention_mask=mask)
 
     def lm(self) -> OnnxLM:
         """This graph as a ``CausalLM`` for the runtime's decode loop."""
@@ -170,28 +146,39 @@ def _prompt_tensor(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return prompt
 
 
+def left_padded(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, W] of prompts aligned to the right, and their 0/1 attention mask [B, W]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
 class OnnxLM:
-    """An exported graph as a ``CausalLM`` (``prefill`` / ``step``), the KV cache kept in OrtValues."""
+    """An exported graph as a ``CausalLM`` (``prefill`` / ``step``, any batch), the KV cache kept in OrtValues."""
 
     device = "cpu"  # where logits come back and where the sampler runs
 
     def __init__(self, generator: OnnxGenerator) -> None:
         self.generator = generator
         self.past: list[Any] = []
-        self.length = 0
+        self.mask = np.ones((1, 0), np.int64)
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         prompt = input_ids.numpy().astype(np.int64)
-        self.length = prompt.shape[1]
-        logits, self.past = self.generator.step(prompt, np.ones_like(prompt), np.arange(self.length)[None],
-                                                self.generator._empty_past(1))
+        self.mask = (np.ones_like(prompt) if attention_mask is None else attention_mask.numpy().astype(np.int64))
+        pos = np.clip(self.mask.cumsum(-1) - 1, 0, None)
+        logits, self.past = self.generator.step(prompt, self.mask, pos, self.generator._empty_past(prompt.shape[0]))
         return torch.from_numpy(logits)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        self.length += 1
-        logits, self.past = self.generator.step(token.numpy().astype(np.int64).reshape(1, 1),
-                                                np.ones((1, self.length), np.int64),
-                                                np.array([[self.length - 1]]), self.past)
+        batch = self.mask.shape[0]
+        self.mask = np.concatenate([self.mask, np.ones((batch, 1), np.int64)], axis=1)
+        logits, self.past = self.generator.step(token.numpy().astype(np.int64).reshape(batch, 1), self.mask,
+                                                self.mask.sum(-1, keepdims=True) - 1, self.past)
         return torch.from_numpy(logits)
 
 

@@ -1,7 +1,10 @@
 """The one decode loop over a :class:`CausalLM`, and the torch cache policies.
 
-A ``CausalLM`` is anything with ``prefill(ids [1, T]) -> logits [1, V]`` (which starts a
-new sequence) and ``step(token [1, 1]) -> logits [1, V]``. :class:`DynamicTorchLM` runs a
+A ``CausalLM`` is anything with ``prefill(ids [B, T], attention_mask=None) -> logits [B, V]``
+(which starts new sequences; a 0/1 mask marks left padding) and ``step(tokens [B, 1]) ->
+logits [B, V]``. :func:`decode_tokens` streams one prompt; :func:`decode_batch` decodes a
+batch (the ONNX generator's ``generate_batch`` and the benchmark runners, whose timers read
+its ``marks``). :class:`DynamicTorchLM` runs a
 transformers model over a ``DynamicCache``; :class:`StaticTorchLM` over a ``StaticCache``
 with the one-token step optionally compiled (``torch.compile``; CUDA graphs on GPU), which
 removes Python dispatch per op and is the fastest decoder at batch 1. The ONNX Runtime
@@ -26,7 +29,7 @@ class CausalLM(Protocol):
 
     device: Any
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def step(self, token: torch.Tensor) -> torch.Tensor: ...
 
@@ -52,25 +55,40 @@ def _device(model: Any) -> torch.device:
 
 
 class DynamicTorchLM:
-    """A transformers causal LM over a growing ``DynamicCache``."""
+    """A transformers causal LM over a growing ``DynamicCache``.
+
+    Without a mask no mask or positions are passed (the fastest call); with a left-padding
+    mask each row's positions count its real tokens only.
+    """
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.device = _device(model)
         self.cache: Any = None
+        self.mask: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
+        extra: dict[str, torch.Tensor] = {}
+        self.mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            self.mask = attention_mask.to(self.device, torch.long)
+            extra = {"attention_mask": self.mask, "position_ids": (self.mask.cumsum(-1) - 1).clamp(min=0)}
         # logits_to_keep=1: the prompt's other positions need no vocabulary projection
         return self.model(input_ids=input_ids.to(self.device), past_key_values=self.cache, use_cache=True,
-                          logits_to_keep=1).logits[:, -1]
+                          logits_to_keep=1, **extra).logits[:, -1]
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=token.to(self.device), past_key_values=self.cache, use_cache=True).logits[:, -1]
+        extra: dict[str, torch.Tensor] = {}
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+            extra = {"attention_mask": self.mask, "position_ids": self.mask.sum(-1, keepdim=True) - 1}
+        return self.model(input_ids=token.to(self.device), past_key_values=self.cache, use_cache=True,
+                          **extra).logits[:, -1]
 
 
 class StaticTorchLM:
@@ -102,7 +120,9 @@ class StaticTorchLM:
                           use_cache=True).logits[:, -1]
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise FactorlmError("the static cache decodes prompts of equal length only (no left padding)")
         if input_ids.shape[1] >= self.max_cache_len:
             raise FactorlmError(f"prompt of {input_ids.shape[1]} tokens does not fit a cache of {self.max_cache_len}")
         if self.cache.is_initialized:
@@ -121,6 +141,14 @@ class StaticTorchLM:
         cache_position = torch.tensor([self.position], device=self.device)
         self.position += 1
         return self._step(token.to(self.device), cache_position).clone()
+
+    def kv_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the filled part of the cache, (keys, values) [B, kv_heads, position, head_dim] per layer.
+
+        The server moves a sequence from this cache into its dynamic batch with them.
+        """
+        return [(layer.keys[:, :, :self.position].clone(), layer.values[:, :, :self.position].clone())
+                for layer in self.cache.layers]
 
 
 def torch_lm(model: Any, *, compile: bool = False, max_cache_len: int | None = None) -> CausalLM:
@@ -159,3 +187,42 @@ def decode_tokens(lm: CausalLM, input_ids: torch.Tensor, params: SamplingParams,
             break
         logits = lm.step(token.view(1, 1))
     stats.finish_reason = "length"
+
+
+@torch.inference_mode()
+def decode_batch(lm: CausalLM, input_ids: torch.Tensor, params: SamplingParams, stop_ids: set[int] | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 marks: Callable[[str], None] | None = None) -> list[list[int]]:
+    """New token ids per row of a batch [B, T] (left-padded when ``attention_mask`` has zeros).
+
+    A row ends at its first stop id (not included); decoding ends when every row has, or
+    after ``max_new_tokens``. ``marks("first")`` is called once the first tokens are
+    sampled and ``marks("end")`` after the last, before anything is copied to the host, so
+    a benchmark times prefill and decode apart. Without stop ids nothing is read back per
+    step (a CUDA graph replays without a sync).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise FactorlmError(f"decode_batch takes a non-empty batch of shape [B, T], got {tuple(input_ids.shape)}")
+    batch = input_ids.shape[0]
+    generator = make_generator(params.seed, lm.device)
+    stop_ids = params.stop_ids(stop_ids)
+    done = [False] * batch
+    out: list[torch.Tensor] = []
+    token = sample_next(lm.prefill(input_ids, attention_mask), params, generator)
+    if marks:
+        marks("first")
+    for step in range(params.max_new_tokens):
+        out.append(token)
+        if stop_ids:
+            done = [d or t in stop_ids for d, t in zip(done, token.tolist())]
+        if all(done) or step + 1 == params.max_new_tokens:
+            break
+        token = sample_next(lm.step(token.view(batch, 1)), params, generator)
+    if marks:
+        marks("end")
+    rows = torch.stack(out, dim=1).tolist()
+    return [_until_stop(row, stop_ids) for row in rows] if stop_ids else rows
+
+
+def _until_stop(row: list[int], stop_ids: set[int]) -> list[int]:
+    return next((row[:i] for i, t in enumerate(row) if t in stop_ids), row)

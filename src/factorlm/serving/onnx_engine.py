@@ -1,7 +1,8 @@
-"""A transformers-style causal LM over an exported ONNX graph, for the server's onnx engine.
+"""The server's onnx engine: its continuous-batching scheduler over an exported ONNX graph.
 
-The server (``factorlm.serving.engines``, engine "onnx") runs its continuous-batching
-scheduler over this module; nothing here imports the server. ``OrtCausalLM`` answers the
+The engine "onnx" (registered in :mod:`factorlm.serving.engines`) is the torch engine's
+scheduler with ONNX Runtime doing the forward passes. The exporter knows nothing of the
+server; the adapter lives here, on the server's side. ``OrtCausalLM`` answers the
 small part of the transformers model interface the scheduler uses (``model(input_ids=...,
 attention_mask=..., position_ids=..., past_key_values=cache, use_cache=True,
 logits_to_keep=...)`` returning ``.logits``, plus ``config`` and ``generation_config``).
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .generator import OnnxGenerator
+from ..exporters.onnx.generator import OnnxGenerator
+from .torch_engine import TorchEngine
 
 
 class OrtCausalLM(nn.Module):
@@ -69,3 +71,13 @@ class OrtCausalLM(nn.Module):
                 keys, values = (torch.from_numpy(outputs[1 + 2 * i]), torch.from_numpy(outputs[2 + 2 * i]))
                 past_key_values.update(keys[:, :, past_len:], values[:, :, past_len:], i)
         return SimpleNamespace(logits=logits.float(), past_key_values=past_key_values)
+
+
+def build_onnx_engine(path: Any, *, threads: int | None, model_name: str, max_batch: int, max_queue: int,
+                      max_model_len: int | None) -> TorchEngine:
+    """The scheduler over an ``OnnxGenerator`` of the folder ``path`` (CPU execution provider)."""
+    if threads:  # the scheduler's own tensor work (cache merging, sampling) runs in torch
+        torch.set_num_threads(threads)
+    generator = OnnxGenerator(path, threads=threads, device="cpu")
+    return TorchEngine(OrtCausalLM(generator), generator.tokenizer, model_name=model_name, max_batch=max_batch,
+                       max_queue=max_queue, max_model_len=max_model_len)
