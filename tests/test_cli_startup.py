@@ -90,6 +90,9 @@ def test_import_factorlm_after_transformers_registers_at_once(tmp_path):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
+PARTIAL = ".out.factorlm-partial"  # the resumable folder a killed compression leaves
+
+
 def _interrupt_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line == INTERRUPTED]
 
@@ -100,10 +103,12 @@ def test_ctrl_c_during_compression_in_process(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("factorlm.compressor.pipeline.compress_model", interrupted)
+    monkeypatch.setattr("factorlm.compressor.pipeline.compress_model", interrupted)  # the in-RAM path
+    monkeypatch.setattr("factorlm.compressor.streamed._run", interrupted)  # the block-streamed path
     assert main(["compress", str(dense), "-o", str(tmp_path / "out"), "--no-progress"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == INTERRUPTED
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+    # no output; at most the one resumable partial folder, which the next run on this output reuses or removes
+    assert set(p.name for p in tmp_path.iterdir()) <= {"dense", PARTIAL}
 
 
 def test_ctrl_c_during_save_leaves_nothing(tmp_path, capsys, monkeypatch):
@@ -113,10 +118,14 @@ def test_ctrl_c_during_save_leaves_nothing(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", interrupted)  # the model is written by then
-    assert main(["compress", str(dense), "-o", str(tmp_path / "out"), "--no-progress"]) == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedTokenizerFast, "save_pretrained", interrupted)  # the model is written by then
+        assert main(["compress", str(dense), "-o", str(tmp_path / "out"), "--no-progress"]) == 130
     assert _interrupt_lines(capsys.readouterr().err) == [INTERRUPTED]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no output, no .out.partial-* folder
+    assert set(p.name for p in tmp_path.iterdir()) <= {"dense", PARTIAL}  # no output, one clearly named leftover
+    # the next run on the same output (without --resume) starts afresh and removes the leftover
+    assert main(["compress", str(dense), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "out"]
 
 
 def test_ctrl_c_at_start_up(tmp_path):
