@@ -78,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="split the weights into HF-style shards with an index above this size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from .quantize import add_quant_flags  # --factor-bits: quantize the factors after compression
+
+    add_quant_flags(p.add_argument_group("quantized factors (format version 2)"), "--factor-bits")
     p.set_defaults(func=run)
 
 
@@ -137,6 +140,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.beta is not None and args.method != "saes":
         raise FactorlmError(f"--beta applies to --method saes only (got --method {args.method})")
     check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.model)])
+    if getattr(args, "factor_bits", None):
+        from .quantize import check_factor_flags
+
+        check_factor_flags(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
     path, report = compress_checkpoint(model_path, args.output, recipe, overwrite=args.overwrite,
                                        progress=not args.no_progress, hooks=hooks, dtype=args.dtype,
                                        max_shard_size=args.max_shard_size)
+    if args.factor_bits:
+        from .quantize import quantize_output
+
+        quantize_output(args, path)
     print(format_totals(report["totals"]))
     print(f"saved factored checkpoint to {path}")
     return 0
