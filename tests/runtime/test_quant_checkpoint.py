@@ -97,7 +97,7 @@ def test_cli_quantize_and_bad_input(factored, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not divide" in err and "module 'model.layers.0." in err and not bad.exists()
     assert main(["quantize", str(factored), "-o", str(bad), "--bits", "8", "--group-size", "16"]) == 2
-    assert "--bits 4 only" in capsys.readouterr().err
+    assert "4-bit quantization only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantize", str(factored), "-o", str(bad), "--bits", "3"])
     with pytest.raises(FactorlmError, match="bits must be 4 or 8"):
@@ -119,3 +119,22 @@ def test_bad_scales_name_the_module(factored, tmp_path, damage):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(FactorlmError, match="k_proj"):
         load_factored(out)
+
+
+def test_compress_with_factor_bits(tmp_path):
+    dense = save_tiny_dense(tmp_path / "dense")
+    out = tmp_path / "c8"
+    assert main(["compress", str(dense), "-o", str(out), "--keep", "0.5", "--factor-bits", "8",
+                 "--rounding", "gptq", "--calib-samples", "2", "--calib-len", "32", "--no-progress"]) == 0
+    block = read_factored_config(out)
+    assert block.bits == 8 and block.rounding == "gptq" and block.ranks
+    assert (out / "factorlm_recipe.yaml").is_file()
+    model = load_model(out)
+    assert set(quantized_modules(model)) == set(block.ranks)
+
+
+def test_compress_factor_bits_bad_scheme_fails_before_work(tmp_path, capsys):
+    dense = save_tiny_dense(tmp_path / "dense")
+    out = tmp_path / "c4"
+    assert main(["compress", str(dense), "-o", str(out), "--factor-bits", "8", "--group-size", "32"]) == 2
+    assert "4-bit quantization only" in capsys.readouterr().err and not out.exists()

@@ -46,7 +46,7 @@ def group_size_of(args: argparse.Namespace, bits: int) -> int | None:
 
     if bits == 8:
         if args.group_size is not None:
-            raise FactorlmError("--group-size applies to --bits 4 only (int8 is per output channel)")
+            raise FactorlmError("--group-size applies to 4-bit quantization only (int8 is per output channel)")
         return None
     return args.group_size or 128
 
