@@ -138,3 +138,37 @@ def test_compress_factor_bits_bad_scheme_fails_before_work(tmp_path, capsys):
     out = tmp_path / "c4"
     assert main(["compress", str(dense), "-o", str(out), "--factor-bits", "8", "--group-size", "32"]) == 2
     assert "4-bit quantization only" in capsys.readouterr().err and not out.exists()
+
+
+def test_int8_checkpoint_through_the_server_engine(factored, tmp_path):
+    """``factorlm serve``'s torch engine on an int8 checkpoint: greedy tokens equal the runtime's."""
+    import asyncio
+
+    from factorlm.runtime.checkpoint import load_tokenizer
+    from factorlm.runtime.generate import SamplingParams, generate_tokens
+    from factorlm.serving.engine import GenerationRequest
+    from factorlm.serving.engines import create_engine
+
+    out = tmp_path / "q8"
+    quantize_checkpoint(factored, out, bits=8, dense=True)
+    tokenizer = load_tokenizer(out)
+    prompts = ["The quick brown fox", "Paris is the capital of"]
+    engine = create_engine("torch", out)
+    engine.start()
+
+    async def collect(prompt: str) -> list[int]:
+        handle = engine.submit(GenerationRequest(tokenizer(prompt).input_ids,
+                                                 SamplingParams(max_new_tokens=8, ignore_eos=True)))
+        return [t async for event in handle for t in event.token_ids]
+
+    async def both() -> list[list[int]]:
+        return await asyncio.gather(*[collect(p) for p in prompts])
+
+    try:
+        served = asyncio.run(both())
+    finally:
+        engine.shutdown()
+    model = load_model(out)
+    for prompt, tokens in zip(prompts, served):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        assert tokens == list(generate_tokens(model, ids, SamplingParams(max_new_tokens=8, ignore_eos=True)))
