@@ -46,6 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--int4-group", type=int, default=8)
     p.add_argument("--variants", default="dense-fp32,dense-int8,fact-fp32,fact-int8-rtn,fact-int8-gptq,"
                                           "fact-int4-rtn,fact-int4-gptq")
+    p.add_argument("--point", action="append", default=[], metavar="NAME=DIR[:BITS[:GROUP[:ROUNDING]]]",
+                   help="an extra variant: checkpoint DIR as is, or quantized here (with --dense); e.g. "
+                        "k0.9-int8=CKPT:8 for the equal-bytes comparison")
     p.add_argument("--engines", default="torch,onnx,onnx-a4",
                    help="torch, onnx (MatMulNBits accuracy_level 0: fp32 compute), onnx-a4 (level 4: int8 activations)")
     p.add_argument("--batches", default="1,8")
@@ -58,6 +61,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- variants
+
+def build_point(spec: str, args: argparse.Namespace, work: Path) -> tuple[str, Path]:
+    """``NAME=DIR[:BITS[:GROUP[:ROUNDING]]]`` -> (name, folder): DIR itself, or DIR quantized into ``work``."""
+    from factorlm.compressor.quantize import quantize_checkpoint
+
+    name, _, rest = spec.partition("=")
+    src, *opts = rest.split(":")
+    if not opts:
+        return name, Path(src)
+    out = work / name
+    if not (out / "config.json").is_file():
+        bits = int(opts[0])
+        group = int(opts[1]) if len(opts) > 1 and opts[1] else None
+        rounding = opts[2] if len(opts) > 2 else "rtn"
+        quantize_checkpoint(Path(src), out, bits=bits, group_size=group if bits == 4 else None, rounding=rounding,
+                            dense=True, calib_samples=args.calib_samples, calib_len=args.calib_len)
+    return name, out
+
 
 def build_variant(name: str, args: argparse.Namespace, work: Path) -> Path:
     """The folder of variant ``name``, quantized here on first use (cached by name in ``work``)."""
@@ -230,6 +251,10 @@ def time_kernels() -> dict[str, Any]:
 
 def _portable(arg: str) -> str:
     """A path argument as its last two components (results name no machine paths)."""
+    if "=" in arg and os.sep in arg:  # --point NAME=DIR[:...]
+        name, _, rest = arg.partition("=")
+        src, *opts = rest.split(":")
+        return ":".join([f"{name}={_portable(src)}", *opts])
     return "/".join(Path(arg).parts[-2:]) if os.sep in arg and Path(arg).exists() else arg
 
 
@@ -250,14 +275,20 @@ def main(argv: list[str]) -> int:
         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_quant.py " + " ".join(map(_portable, argv)),
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                   if k not in ("dense", "factored", "text", "work")} | {"factored_name": args.factored.name},
+                   if k not in ("dense", "factored", "text", "work", "point")}
+        | {"factored_name": args.factored.name, "points": [p.split("=")[0] for p in args.point]},
         "variants": {},
         "notes": [],
     }
-    names = args.variants.split(",")
+    names = [n for n in args.variants.split(",") if n]
     paths = {}
     for name in names:
         paths[name] = build_variant(name, args, work)
+    for spec in args.point:
+        name, path = build_point(spec, args, work)
+        names.append(name)
+        paths[name] = path
+    for name in names:
         row = result["variants"].setdefault(name, {})
         row["bytes"] = stored_bytes(paths[name])
         row.update(quality(paths[name], args.dense, args))
