@@ -172,3 +172,13 @@ def test_int8_checkpoint_through_the_server_engine(factored, tmp_path):
     for prompt, tokens in zip(prompts, served):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         assert tokens == list(generate_tokens(model, ids, SamplingParams(max_new_tokens=8, ignore_eos=True)))
+
+
+def test_cast_after_load_redoes_the_dequantized_cache(factored, tmp_path):
+    out = tmp_path / "q8"
+    quantize_checkpoint(factored, out, bits=8)
+    model = load_model(out)
+    ref = logits(model)
+    with torch.no_grad():
+        got = model.to(torch.bfloat16)(IDS).logits.float()
+    assert got.dtype == torch.float32 and ((got - ref).abs().max() / ref.abs().max()).item() < 0.1

@@ -86,7 +86,12 @@ class _QuantizedBase(nn.Module):
 
     def _linear(self, x: torch.Tensor, part: str, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self._cache is not None:
-            return F.linear(x, self._cache[part], bias)
+            weight = self._cache[part]
+            if weight.device != x.device or weight.dtype != x.dtype:  # moved or cast since prepare(): redo it
+                self.compute_dtype = x.dtype
+                self.prepare("cached")
+                weight = self._cache[part]
+            return F.linear(x, weight, bias)
         if self.kernel == "int8pack":
             shape = x.shape
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), getattr(self, f"{part}_qweight"),
