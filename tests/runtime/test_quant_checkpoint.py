@@ -182,3 +182,18 @@ def test_cast_after_load_redoes_the_dequantized_cache(factored, tmp_path):
     with torch.no_grad():
         got = model.to(torch.bfloat16)(IDS).logits.float()
     assert got.dtype == torch.float32 and ((got - ref).abs().max() / ref.abs().max()).item() < 0.1
+
+
+def test_every_kernel_computes_the_stored_weights():
+    from factorlm.runtime.factored_linear import FactoredLinear
+
+    fp = FactoredLinear.from_linear(torch.nn.Linear(64, 48, bias=True), 16)
+    layer = QuantizedFactoredLinear.from_factored(fp, 8)
+    x = torch.randn(3, 64)
+    expected = (x @ layer.dequantized("weight_v").T) @ layer.dequantized("weight_u").T + layer.bias
+    for kernel in ("cached", "dequant", "int8pack"):
+        layer.prepare(kernel)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FactorlmError, match="unknown quantized kernel"):
+        layer.prepare("fast")

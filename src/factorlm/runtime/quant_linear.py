@@ -44,8 +44,8 @@ def _set_quantized(module: nn.Module, part: str, weight: torch.Tensor, gram: tor
     from .quant import quantize
 
     q, s = quantize(weight.detach().float(), module.bits, module.group_size, gram)
-    setattr(module, f"{part}_qweight", q.to(weight.device))
-    setattr(module, f"{part}_scales", s.to(weight.device))
+    setattr(module, f"{part}_qweight", q.to(weight.device).contiguous())  # int8pack and safetensors want contiguous
+    setattr(module, f"{part}_scales", s.to(weight.device).contiguous())
 
 
 class _QuantizedBase(nn.Module):
