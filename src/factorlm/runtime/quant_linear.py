@@ -7,8 +7,8 @@ persistent buffers, so ``state_dict``/``save_pretrained`` write exactly what the
 holds, and loading assigns them without conversion.
 
 How a quantized layer multiplies on CPU (measured with benchmarks/bench_quant.py
-``--kernels``, 1 thread): ``torch._weight_int8pack_mm`` was 5-20x slower than an fp32
-matmul on the sample model's shapes and dequantize-per-call 2-10x slower, so the default
+``--kernels``, 1 thread): ``torch._weight_int8pack_mm`` was 5-50x slower than an fp32
+matmul on the sample model's shapes and dequantize-per-call 2-7x slower, so the default
 kernel "cached" dequantizes the stored codes once at load (the values are exactly
 codes * scales) and runs fp32 matmuls; the bytes saved are on disk and in transfer, not in
 the matmul. "dequant" (dequantize every call, no extra memory) and "int8pack" remain
