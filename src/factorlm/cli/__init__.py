@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "factorlm.cli.bench",
     "factorlm.cli.inspect",
     "factorlm.cli.fold",
+    "factorlm.cli.quantize",
     "factorlm.cli.finetune",
     "factorlm.cli.calib_text",
 ]

@@ -102,6 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same recipe on the same output from its last finished block")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from .quantize import add_quant_flags  # --factor-bits: quantize the factors after compression
+
+    add_quant_flags(p.add_argument_group("quantized factors (format version 2)"), "--factor-bits")
     p.set_defaults(func=run)
 
 
@@ -203,6 +206,10 @@ def check_args(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe
         raise FactorlmError(f"--beta applies to --method saes only (got --method {args.method})")
     recipe = build_recipe(args)  # recipe file errors (key, type, version) come first, without torch
     check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.model)])
+    if getattr(args, "factor_bits", None):
+        from .quantize import check_factor_flags
+
+        check_factor_flags(args)
     from ..compressor import check_recipe
 
     return check_recipe(recipe, str(args.recipe or "command line"))
@@ -221,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
     path, report = compress(model_path, args.output, recipe, overwrite=args.overwrite,
                             progress=not args.no_progress, max_shard_size=args.max_shard_size,
                             resume=getattr(args, "resume", False))
+    if args.factor_bits:
+        from .quantize import quantize_output
+
+        quantize_output(args, path)
     print(format_totals(report["totals"]))
     if "heal" in report:
         h = report["heal"]

@@ -78,8 +78,11 @@ def factorize_model(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 def factored_ranks(model: nn.Module) -> dict[str, int]:
-    """Rank of every ``FactoredLinear`` in a model, by fully-qualified name (correctors not included)."""
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, FactoredLinear)}
+    """Rank of every factored layer (fp or quantized) in a model, by fully-qualified name (correctors not included)."""
+    from .quant_linear import QuantizedFactoredLinear
+
+    return {name: m.rank for name, m in model.named_modules()
+            if isinstance(m, (FactoredLinear, QuantizedFactoredLinear))}
 
 
 def corrector_ranks_of(model: nn.Module) -> dict[str, int]:
@@ -149,6 +152,7 @@ def save_factored(
     temporary folder of an earlier killed save on the same output is removed first.
     """
     from .. import __version__
+    from .quant_linear import quant_fields
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -173,6 +177,7 @@ def save_factored(
         corrector_ranks=correctors,
         factor_dtype=str(saved_dtype).removeprefix("torch."),
         producer=base.producer or {"name": "factorlm", "version": __version__},
+        **quant_fields(model, base.rounding),
     ).to_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_dir(out)
@@ -278,7 +283,7 @@ def _build_skeleton(model_dir: Path, dtype: torch.dtype | None) -> nn.Module:
 
 def load_factored(
     model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-    fast_layout: bool = True, correctors: str = "fold",
+    fast_layout: bool = True, correctors: str = "fold", quant_kernel: str = "cached",
 ) -> nn.Module:
     """Load a factored checkpoint as a transformers model with ``FactoredLinear`` layers.
 
@@ -288,6 +293,8 @@ def load_factored(
     ``fast_layout`` stores block weights column-major for faster CPU decoding (see layout.py).
     A checkpoint with separate correctors is folded on load (``correctors="fold"``, exact) or
     kept as ``CorrectedLinear`` layers for further training (``correctors="keep"``).
+    A quantized checkpoint (format version 2) loads as quantized layers whose matmul path is
+    ``quant_kernel`` (see :mod:`.quant_linear`).
     """
     if correctors not in ("fold", "keep"):
         raise FactorlmError(f"correctors must be 'fold' or 'keep', got {correctors!r}")
@@ -300,12 +307,21 @@ def load_factored(
     model = _build_skeleton(root, dtype or getattr(torch, block.factor_dtype, torch.float32))
     raise_on_problems(checkpoint_problems(model, read_headers(safetensors_files(root)), block, root), root)
     replace_with_factored(model, block.ranks, device="meta", corrector_ranks=block.corrector_ranks)
+    if block.quantized:
+        from .quant_linear import replace_with_quantized
+
+        replace_with_quantized(model, block.ranks, block.quantized_dense, int(block.bits or 0), block.group_size)
     tensors, _ = read_tensors(root)
     _assign(model, tensors, dtype, device)
     _load_generation_config(model, root)
     if correctors == "fold":
         fold_correctors(model)
-    return _maybe_fast_layout(model, fast_layout)
+    model = _maybe_fast_layout(model, fast_layout)
+    if block.quantized:
+        from .quant_linear import prepare_quantized
+
+        prepare_quantized(model, quant_kernel)
+    return model
 
 
 def _maybe_fast_layout(model: nn.Module, enabled: bool) -> nn.Module:
@@ -324,7 +340,7 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dty
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.lm_head.weight = model.get_input_embeddings().weight
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    leftover = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if leftover:
         raise FormatError(f"parameters not found in the checkpoint: {leftover[:5]}")
     model.to(device)

@@ -22,6 +22,16 @@ Correctors are normally folded into the factors (``"correctors": "folded"``). A 
 saved for further training keeps them apart (``"correctors": "separate"``): the block then
 also lists ``"corrector_ranks": {fqn: c}`` and the files hold ``<fqn>.corrector_a`` [c, in]
 and ``<fqn>.corrector_b`` [out, c] beside that module's factors.
+
+Format version 2 adds quantized weights (written only for quantized checkpoints; an
+unquantized checkpoint stays version 1, so older readers keep reading it). The block then
+also carries ``"bits": 8 | 4``, ``"group_size"`` (int4 only, along the input dimension),
+``"rounding": "rtn" | "gptq"`` and ``"quantized_dense": [fqn, ...]`` (dense modules
+quantized too), and each factor or dense weight ``<fqn>.<w>`` (``w`` in ``weight_u``,
+``weight_v``, ``weight``) is stored as ``<fqn>.<w>_qweight`` (int8 [out, in], or int4 codes
+packed two per uint8 [out, in / 2]) and ``<fqn>.<w>_scales`` (float32 [out] for int8,
+[out, in / group_size] for int4). Every factored module is quantized; the math is in
+:mod:`.quant`.
 """
 
 from __future__ import annotations
@@ -34,7 +44,12 @@ from typing import Any
 
 QUANT_METHOD = "factorlm"
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+QUANTIZED_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+QUANT_BITS = (4, 8)
+ROUNDINGS = ("rtn", "gptq")
+QWEIGHT_SUFFIX = "_qweight"
+SCALES_SUFFIX = "_scales"
 CORRECTOR_MODES = ("folded", "separate", "none")
 
 U_SUFFIX = "weight_u"
@@ -61,6 +76,16 @@ def v_key(fqn: str) -> str:
     return f"{fqn}.{V_SUFFIX}"
 
 
+def qweight_key(fqn: str, part: str) -> str:
+    """Stored integer codes of weight ``part`` (``weight_u``, ``weight_v`` or ``weight``) of ``fqn`` (version 2)."""
+    return f"{fqn}.{part}{QWEIGHT_SUFFIX}"
+
+
+def scales_key(fqn: str, part: str) -> str:
+    """Floating-point scales of weight ``part`` of module ``fqn`` (version 2)."""
+    return f"{fqn}.{part}{SCALES_SUFFIX}"
+
+
 @dataclass
 class FactoredConfig:
     """The ``quantization_config`` block of a factored checkpoint.
@@ -75,12 +100,23 @@ class FactoredConfig:
     correctors: str = "folded"
     factor_dtype: str = "float32"
     producer: dict[str, str] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int | None = None  # None: 2 when quantized, else 1
     corrector_ranks: dict[str, int] = field(default_factory=dict)
+    bits: int | None = None
+    group_size: int | None = None
+    rounding: str | None = None
+    quantized_dense: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.format_version is None:
+            self.format_version = QUANTIZED_FORMAT_VERSION if self.bits is not None else FORMAT_VERSION
         validate_block_fields(self.ranks, self.dense, self.correctors, self.format_version)
         validate_corrector_ranks(self.ranks, self.correctors, self.corrector_ranks)
+        validate_quant_fields(self)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready block, with ``quant_method`` first so readers dispatch on it."""
@@ -95,6 +131,9 @@ class FactoredConfig:
         }
         if self.corrector_ranks:
             block["corrector_ranks"] = dict(self.corrector_ranks)
+        if self.quantized:
+            block.update(bits=self.bits, group_size=self.group_size, rounding=self.rounding or "rtn",
+                         quantized_dense=list(self.quantized_dense))
         return block
 
     @classmethod
@@ -123,6 +162,10 @@ class FactoredConfig:
                 producer=dict(block.get("producer", {})),
                 format_version=version,
                 corrector_ranks={str(k): v for k, v in block.get("corrector_ranks", {}).items()},
+                bits=block.get("bits"),
+                group_size=block.get("group_size"),
+                rounding=block.get("rounding"),
+                quantized_dense=list(block.get("quantized_dense", [])),
             )
         except (AttributeError, TypeError) as exc:
             raise FormatError(f"{source}: malformed quantization_config: {exc}") from exc
@@ -146,6 +189,35 @@ def validate_block_fields(ranks: Any, dense: Any, correctors: str, version: int)
         raise FormatError(f"field 'correctors' is {correctors!r}; expected one of {CORRECTOR_MODES}")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise FormatError(f"unknown factorlm format_version {version!r}")
+
+
+def validate_quant_fields(block: "FactoredConfig") -> None:
+    """Version-2 fields: present exactly when quantized, with valid bits/group size/rounding."""
+    if block.bits is None:
+        if block.format_version == QUANTIZED_FORMAT_VERSION:
+            raise FormatError("format_version 2 (quantized) but field 'bits' is missing")
+        if block.group_size is not None or block.quantized_dense or block.rounding is not None:
+            raise FormatError("fields 'group_size'/'quantized_dense'/'rounding' need 'bits' (a quantized checkpoint)")
+        return
+    if block.format_version != QUANTIZED_FORMAT_VERSION:
+        raise FormatError(f"field 'bits' needs format_version {QUANTIZED_FORMAT_VERSION}, got {block.format_version}")
+    if isinstance(block.bits, bool) or block.bits not in QUANT_BITS:
+        raise FormatError(f"field 'bits' is {block.bits!r}; expected 4 or 8")
+    g = block.group_size
+    if block.bits == 8 and g is not None:
+        raise FormatError(f"field 'group_size' is {g!r}; int8 is per output channel (group_size null)")
+    if block.bits == 4 and (isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2):
+        raise FormatError(f"field 'group_size' is {g!r}; int4 needs an even integer >= 2")
+    if block.rounding not in (None, *ROUNDINGS):
+        raise FormatError(f"field 'rounding' is {block.rounding!r}; expected one of {ROUNDINGS}")
+    if block.correctors == "separate":
+        raise FormatError("a quantized checkpoint cannot keep separate correctors; fold them first")
+    qd = block.quantized_dense
+    if not isinstance(qd, list) or not all(isinstance(d, str) for d in qd):
+        raise FormatError("field 'quantized_dense' must be a list of module names")
+    overlap = sorted(set(qd) & set(block.ranks))
+    if overlap:
+        raise FormatError(f"modules listed both in 'ranks' and 'quantized_dense': {overlap[:5]}")
 
 
 def validate_corrector_ranks(ranks: dict[str, int], correctors: str, corrector_ranks: Any) -> None:

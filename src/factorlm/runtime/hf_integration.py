@@ -8,7 +8,8 @@ weights load, the quantizer checks every tensor header against the config with t
 function as ``load_factored`` (:mod:`.verify`: same checks, same messages), then swaps the
 listed linears for ``FactoredLinear`` of the recorded ranks, so the checkpoint's
 ``weight_u``/``weight_v`` tensors land in place. No trust_remote_code needed. Separate
-correctors load as ``CorrectedLinear`` layers (trainable; exact outputs).
+correctors load as ``CorrectedLinear`` layers (trainable; exact outputs). A quantized
+checkpoint (format version 2) gets quantized layers whose codes and scales load unchanged.
 """
 
 from __future__ import annotations
@@ -126,8 +127,16 @@ def register_with_transformers(qauto: ModuleType | None = None) -> None:
             else:
                 logger.warning("transformers gave no checkpoint files; the tensors are not checked before loading")
             replace_with_factored(model, block.ranks, device="meta", corrector_ranks=block.corrector_ranks)
+            if block.quantized:  # format version 2: integer codes + scales land in the quantized layers' buffers
+                from .quant_linear import replace_with_quantized
+
+                replace_with_quantized(model, block.ranks, block.quantized_dense, int(block.bits or 0),
+                                       block.group_size)
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            from .quant_linear import prepare_quantized
+
+            prepare_quantized(model)  # the same matmul path as load_factored, so logits are identical
             return model
 
         def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:

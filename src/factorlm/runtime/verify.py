@@ -35,6 +35,8 @@ from .format import (
     FormatError,
     corrector_a_key,
     corrector_b_key,
+    qweight_key,
+    scales_key,
     u_key,
     v_key,
 )
@@ -81,6 +83,7 @@ class Expected:
     shape: tuple[int, ...]
     floating: bool
     factor: bool = False
+    dtype: str | None = None  # an exact dtype (quantized codes: int8 / uint8)
 
 
 # --------------------------------------------------------------------------- headers
@@ -245,6 +248,23 @@ def expected_tensors(model: Any, block: FactoredConfig, where: str) -> tuple[dic
             c = block.corrector_ranks[fqn]
             expected[corrector_a_key(fqn)] = Expected((c, in_f), True, factor=True)
             expected[corrector_b_key(fqn)] = Expected((out_f, c), True, factor=True)
+        if block.quantized:
+            problems += _expect_quantized(expected, block, fqn, "weight_u", out_f, rank, where)
+            problems += _expect_quantized(expected, block, fqn, "weight_v", rank, in_f, where)
+    for fqn in block.quantized_dense:
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            problems.append(f"{where}: module {fqn!r} listed in 'quantized_dense' does not exist in "
+                            f"{type(model).__name__}")
+            bad.add(fqn)
+            continue
+        if not isinstance(module, nn.Linear) or f"{fqn}.weight" in tied:
+            problems.append(f"{where}: module {fqn!r} listed in 'quantized_dense' is not an untied Linear")
+            bad.add(fqn)
+            continue
+        expected.pop(f"{fqn}.weight", None)
+        problems += _expect_quantized(expected, block, fqn, "weight", module.out_features, module.in_features, where)
     for fqn in block.dense:
         try:
             module = model.get_submodule(fqn)
@@ -254,6 +274,25 @@ def expected_tensors(model: Any, block: FactoredConfig, where: str) -> tuple[dic
         if not isinstance(module, nn.Linear):
             problems.append(f"{where}: module {fqn!r} listed in 'dense' is a {type(module).__name__}, not a Linear")
     return expected, problems, bad
+
+
+def _expect_quantized(expected: dict[str, Expected], block: FactoredConfig, fqn: str, part: str,
+                      out_f: int, in_f: int, where: str) -> list[str]:
+    """Replace the fp expectation of ``fqn.part`` by its codes and scales (format version 2)."""
+    from .quant import check_quant_params, qweight_shape, scales_shape
+
+    expected.pop(f"{fqn}.{part}", None)
+    try:
+        check_quant_params(int(block.bits or 0), block.group_size, in_f, f"module {fqn!r} ({part})")
+    except FormatError as exc:
+        return [f"{where}: {exc}"]
+    except Exception as exc:  # FactorlmError from the math module: same message, one type for readers
+        return [f"{where}: {exc}"]
+    bits = int(block.bits or 0)
+    expected[qweight_key(fqn, part)] = Expected(qweight_shape(bits, out_f, in_f), False,
+                                                dtype="int8" if bits == 8 else "uint8")
+    expected[scales_key(fqn, part)] = Expected(scales_shape(bits, block.group_size, out_f, in_f), True)
+    return []
 
 
 def checkpoint_problems(model: Any, headers: dict[str, TensorHeader], block: FactoredConfig | None,
@@ -303,6 +342,9 @@ def _unexpected_problems(model: Any, headers: dict[str, TensorHeader], expected:
         elif suffix == "weight" and module in block.ranks:
             others.append(f"{file}: tensor {name!r} is the dense weight of module {module!r}, which 'ranks' in "
                           f"config.json lists as factored")
+        elif suffix == "weight" and module in block.quantized_dense:
+            others.append(f"{file}: tensor {name!r} is the unquantized weight of module {module!r}, which "
+                          f"'quantized_dense' in config.json lists as quantized")
         elif suffix in CORRECTOR_SUFFIXES:
             others.append(f"{file}: tensor {name!r} is a corrector of module {module!r}, which 'corrector_ranks' "
                           f"in config.json does not list")
@@ -314,6 +356,8 @@ def _unexpected_problems(model: Any, headers: dict[str, TensorHeader], expected:
 def _tensor_problems(info: TensorHeader, exp: Expected, block: FactoredConfig) -> list[str]:
     if info.shape != exp.shape:
         return [f"{info.file}: tensor {info.name!r} has shape {info.shape}, module expects {exp.shape}"]
+    if exp.dtype is not None and info.dtype != exp.dtype:
+        return [f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, expected {exp.dtype} (quantized codes)"]
     if exp.floating and not info.is_floating:
         return [f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, expected a floating-point dtype"]
     if exp.factor and info.dtype != block.factor_dtype:

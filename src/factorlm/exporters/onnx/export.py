@@ -144,12 +144,29 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
 
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 dtype: str = "fp32", int8: bool = False, validate: bool = True, overwrite: bool = False,
-                external_data: bool | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Export, validate and atomically write the ONNX folder; return its metadata dict."""
+                external_data: bool | None = None, threads: int | None = None,
+                accuracy_level: int = 0) -> dict[str, Any]:
+    """Export, validate and atomically write the ONNX folder; return its metadata dict.
+
+    A quantized checkpoint (format version 2) is exported from its stored codes and scales
+    (:mod:`.quant`; ``accuracy_level`` is MatMulNBits'); ``int8``/``fp16`` do not apply to it.
+    """
+    from .quant import check_exportable, insert_stored_codes, quant_metadata, stored_weights
+
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_request(model_dir, out_dir, opset, dtype, overwrite)
+    block = read_factored_config(model_dir)
+    if block is not None and block.quantized and (int8 or dtype != "fp32"):
+        raise FactorlmError(f"{model_dir}: checkpoint is already quantized ({block.bits}-bit); export it without "
+                            f"--int8/--dtype fp16 (its stored codes are used)")
     started = time.perf_counter()
     model = _load(model_dir)
+    stored = stored_weights(model)
+    if stored:
+        from ...runtime.quant_linear import dequantize_model
+
+        check_exportable(stored)
+        dequantize_model(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if external_data is None:
         external_data = weight_bytes > EXTERNAL_DATA_BYTES
@@ -164,17 +181,20 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
             to_fp16(path, external_data)
         if int8:
             quantize_int8(path, external_data)
+        n_quant = insert_stored_codes(path, stored, external_data, accuracy_level) if stored else 0
         export_s = time.perf_counter() - started
         report = None
         if validate:
             session = make_session(path, threads)
-            worst = validate_graph(session, model, "int8" if int8 else dtype)
+            exact = not stored or accuracy_level == 0  # fp32 compute on the stored values: fp32 tolerance
+            worst = validate_graph(session, model, "int8" if int8 or not exact else dtype)
             report = worst_as_dict(worst)
             del session
-        block = read_factored_config(model_dir)
         meta = build_metadata(model.config, dtype=dtype, int8=int8, opset=opset, source=model_dir.name,
                               ranks=block.ranks if block else None, external_data=external_data,
                               validation=report, export_s=export_s)
+        if stored:
+            meta["quantization"] = quant_metadata(block, n_quant, accuracy_level)
         copy_side_files(model_dir, tmp)
         write_json(tmp / METADATA_FILE, meta)
         write_json(tmp / "genai_config.json", genai_config(model.config, dtype, tmp))

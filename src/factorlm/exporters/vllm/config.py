@@ -29,6 +29,7 @@ class FactorlmVllmConfig(QuantizationConfig):
         super().__init__()
         self.block = block
         self.ranks: dict[str, int] = dict(block.ranks)
+        self.quantized_dense: set[str] = set(block.quantized_dense)
 
     def __repr__(self) -> str:
         return f"FactorlmVllmConfig(format_version={self.block.format_version}, factored_modules={len(self.ranks)})"
@@ -58,6 +59,8 @@ class FactorlmVllmConfig(QuantizationConfig):
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         """Rename checkpoint module names the way the model renames its modules (if it does)."""
         self.ranks = hf_to_vllm_mapper.apply_dict(self.ranks)
+        if self.quantized_dense:
+            self.quantized_dense = set(hf_to_vllm_mapper.apply_list(sorted(self.quantized_dense)))
 
     def piece_names(self, prefix: str) -> list[str]:
         """Checkpoint names of the pieces of the vLLM layer ``prefix`` (one unless fused)."""
@@ -74,10 +77,14 @@ class FactorlmVllmConfig(QuantizationConfig):
             return None  # embeddings, lm_head, attention: unquantized
         names = self.piece_names(prefix)
         ranks = [self.ranks.get(name) for name in names]
-        if all(rank is None for rank in ranks):
+        quantized = [name in self.quantized_dense for name in names]
+        if all(rank is None for rank in ranks) and not any(quantized):
             return UnquantizedLinearMethod()
         from .linear import FactoredLinearMethod
 
+        if self.block.quantized:  # format version 2: dequantized at load (see linear.py)
+            scheme = (int(self.block.bits or 0), self.block.group_size)
+            return FactoredLinearMethod(names, ranks, scheme, quantized)
         return FactoredLinearMethod(names, ranks)
 
 

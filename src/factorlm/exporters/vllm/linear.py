@@ -6,6 +6,12 @@ dense ``.weight``; ``loaded_shard_id`` "q"/"k"/"v" or 0/1 for fused layers) into
 taking this rank's tensor-parallel share. ``apply`` computes z = x Vᵀ once for all
 factored pieces of the layer, then y_i = z_i U_iᵀ per factored piece and x W_iᵀ per dense
 piece, concatenated on the output dim; the layer adds its all-reduce/gather as usual.
+
+A quantized checkpoint (format version 2) is dequantized at load: each piece's stored
+``<w>_qweight`` and ``<w>_scales`` are collected by their own loaders and, once both have
+arrived, turned into the fp factor (exactly codes * scales) and placed like an fp tensor.
+vLLM's weight-only int8/int4 kernels are not used (its CPU build has none for these
+per-piece layouts), so in vLLM the savings are on disk only.
 """
 
 from __future__ import annotations
@@ -52,11 +58,14 @@ class FactoredLinearMethod(LinearMethodBase):
     matching ranks, None for a dense piece.
     """
 
-    def __init__(self, names: Sequence[str], ranks: Sequence[int | None]) -> None:
+    def __init__(self, names: Sequence[str], ranks: Sequence[int | None], scheme: tuple[int, int | None] | None = None,
+                 quantized_dense: Sequence[bool] = ()) -> None:
         if len(names) != len(ranks):
             raise FormatError(f"{list(names)}: {len(ranks)} ranks for {len(names)} pieces")
         self.names = list(names)
         self.ranks = list(ranks)
+        self.scheme = scheme  # (bits, group size) of a quantized checkpoint, else None
+        self.quantized_dense = list(quantized_dense) or [False] * len(names)
 
     # ------------------------------------------------------------------ weights
 
@@ -94,10 +103,44 @@ class FactoredLinearMethod(LinearMethodBase):
             add("weight_u", (plan.u_numel,))
         if plan.dense_rows:
             add("weight", (plan.dense_rows, plan.in_local))
-        else:
+        if self.scheme is not None:
+            self._add_quantized_loaders(layer, params_dtype, extra_weight_attrs)
+        if not plan.dense_rows:
             # vLLM's LoRA wrapper finds the layer's device through `weight`, `qweight`, ...;
             # a plain tensor attribute (not a Parameter, so the loader does not expect it).
             layer.qweight = layer.weight_v.data
+
+    def _add_quantized_loaders(self, layer: torch.nn.Module, params_dtype: torch.dtype,
+                               extra_weight_attrs: dict[str, Any]) -> None:
+        """Placeholders named like the stored tensors; their loaders dequantize a piece once codes and scales are in."""
+        kinds = set()
+        if any(r is not None for r in self.ranks):
+            kinds |= {"weight_u", "weight_v"}
+        if any(self.quantized_dense):
+            kinds.add("weight")
+        layer.factorlm_pending = {}
+        for kind in sorted(kinds):
+            for suffix in ("_qweight", "_scales"):
+                param = Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False)
+                layer.register_parameter(kind + suffix, param)
+                set_weight_attrs(param, {"weight_loader": self._quant_loader(layer, kind, suffix, params_dtype)})
+                set_weight_attrs(param, extra_weight_attrs)
+
+    def _quant_loader(self, layer: torch.nn.Module, kind: str, suffix: str, dtype: torch.dtype):
+        from ...runtime.quant import dequantize
+
+        place = self._loader(layer, kind)
+        bits, group = self.scheme or (8, None)
+
+        def weight_loader(param: Parameter, loaded_weight: torch.Tensor, loaded_shard_id: Any = None) -> None:
+            pending = layer.factorlm_pending.setdefault((kind, loaded_shard_id), {})
+            pending[suffix] = loaded_weight
+            if len(pending) == 2:
+                del layer.factorlm_pending[(kind, loaded_shard_id)]
+                weight = dequantize(pending["_qweight"].cpu(), pending["_scales"].cpu(), bits, group, dtype)
+                place(getattr(layer, kind), weight, loaded_shard_id)
+
+        return weight_loader
 
     def _shard_ids(self, layer: torch.nn.Module) -> dict[Any, int]:
         if len(self.names) == 1:
@@ -135,6 +178,12 @@ class FactoredLinearMethod(LinearMethodBase):
         ``FACTORLM_VLLM_CPU_GEMM=torch`` uses torch's GEMM on the unpacked factors instead
         (U column-major), which has less per-call overhead at batch 1 on small layers.
         """
+        pending = getattr(layer, "factorlm_pending", None)
+        if pending:
+            raise FormatError(f"{layer.prefix}: quantized tensors without their pair (codes or scales missing): "
+                              f"{sorted((k, s, sorted(v)) for (k, s), v in pending.items())}")
+        for name in [n for n, _ in layer.named_parameters(recurse=False) if n.endswith(("_qweight", "_scales"))]:
+            delattr(layer, name)  # the placeholders; the dequantized factors are in weight_u/weight_v/weight
         make_gemm = _cpu_gemm if _on_cpu() and cpu_gemm_choice() == "vllm" else linear_gemm
         weight_v = getattr(layer, "weight_v", None)
         layer.factorlm_v_gemm = make_gemm(weight_v.data) if weight_v is not None else None

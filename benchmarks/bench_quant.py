@@ -1,0 +1,307 @@
+"""Quantized factors on the sample model: fp32 vs int8 vs int4 at the same ranks, vs dense fp32 and dense int8.
+
+For every variant: WikiText-2 perplexity (the first ``--ppl-tokens`` tokens of the test
+split, evaluation only), stored bytes (the safetensors files), and batch-1 / batch-8 greedy
+decode tok/s on the torch runtime and ONNX Runtime, all in one run. Speed is interleaved:
+per engine every variant is loaded, then each repeat times every variant in turn, and the
+best repeat is kept, so load changes on a shared machine hit all variants alike.
+
+Variants are built here from the source checkpoints (copied, never modified):
+``factorlm quantize --dense`` on the dense model gives "dense int8" in the same format;
+the factored checkpoint gets int8/int4 factors with RTN and GPTQ rounding (``--dense`` too,
+so the block linears the recipe kept dense are quantized like the dense baseline's).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_quant.py --factored CKPT --text wiki.test.raw
+
+``--kernels`` instead times the CPU matmul paths of one quantized layer (the choice of
+the runtime's default kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+log = logging.getLogger("bench_quant")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dense", type=Path, default=None, help="dense model folder (default: the sample model)")
+    p.add_argument("--factored", type=Path, default=None, help="factored fp32 checkpoint (copied, never modified)")
+    p.add_argument("--text", type=Path, default=None, help="WikiText-2 test text (evaluation only)")
+    p.add_argument("--work", type=Path, default=None, help="where variants and exports go (default: factorlm cache)")
+    p.add_argument("--ppl-tokens", type=int, default=16384)
+    p.add_argument("--ppl-window", type=int, default=1024)
+    p.add_argument("--calib-samples", type=int, default=16, help="GPTQ calibration windows (built-in sample text)")
+    p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--int4-group", type=int, default=8)
+    p.add_argument("--variants", default="dense-fp32,dense-int8,fact-fp32,fact-int8-rtn,fact-int8-gptq,"
+                                          "fact-int4-rtn,fact-int4-gptq")
+    p.add_argument("--point", action="append", default=[], metavar="NAME=DIR[:BITS[:GROUP[:ROUNDING]]]",
+                   help="an extra variant: checkpoint DIR as is, or quantized here (with --dense); e.g. "
+                        "k0.9-int8=CKPT:8 for the equal-bytes comparison")
+    p.add_argument("--engines", default="torch,onnx,onnx-a4",
+                   help="torch, onnx (MatMulNBits accuracy_level 0: fp32 compute), onnx-a4 (level 4: int8 activations)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--name", default="quant", help="results/<name>.{md,json}")
+    p.add_argument("--kernels", action="store_true", help="time the CPU matmul paths instead")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- variants
+
+def build_point(spec: str, args: argparse.Namespace, work: Path) -> tuple[str, Path]:
+    """``NAME=DIR[:BITS[:GROUP[:ROUNDING]]]`` -> (name, folder): DIR itself, or DIR quantized into ``work``."""
+    from factorlm.compressor.quantize import quantize_checkpoint
+
+    name, _, rest = spec.partition("=")
+    src, *opts = rest.split(":")
+    if not opts:
+        return name, Path(src)
+    out = work / name
+    if not (out / "config.json").is_file():
+        bits = int(opts[0])
+        group = int(opts[1]) if len(opts) > 1 and opts[1] else None
+        rounding = opts[2] if len(opts) > 2 else "rtn"
+        quantize_checkpoint(Path(src), out, bits=bits, group_size=group if bits == 4 else None, rounding=rounding,
+                            dense=True, calib_samples=args.calib_samples, calib_len=args.calib_len)
+    return name, out
+
+
+def build_variant(name: str, args: argparse.Namespace, work: Path) -> Path:
+    """The folder of variant ``name``, quantized here on first use (cached by name in ``work``)."""
+    from factorlm.compressor.quantize import quantize_checkpoint
+
+    if name == "dense-fp32":
+        return args.dense
+    if name == "fact-fp32":
+        out = work / "fact-fp32"
+        if not (out / "config.json").is_file():
+            shutil.copytree(args.factored, out, dirs_exist_ok=True)
+        return out
+    out = work / name
+    if (out / "config.json").is_file():
+        return out
+    kind, bits, rounding = (name.split("-") + ["rtn"])[:3]
+    src = args.dense if kind == "dense" else build_variant("fact-fp32", args, work)
+    b = int(bits.removeprefix("int"))
+    t0 = time.perf_counter()
+    quantize_checkpoint(src, out, bits=b, group_size=args.int4_group if b == 4 else None, rounding=rounding,
+                        dense=True, calib_samples=args.calib_samples, calib_len=args.calib_len)
+    log.info("built %s in %.0f s", name, time.perf_counter() - t0)
+    return out
+
+
+def stored_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def quality(path: Path, tokenizer_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from factorlm.eval.perplexity import perplexity, read_text
+    from factorlm.runtime.checkpoint import load_model, load_tokenizer
+
+    torch.set_num_threads(1)
+    model = load_model(path)
+    t0 = time.perf_counter()
+    r = perplexity(model, load_tokenizer(tokenizer_dir), read_text(args.text), window=args.ppl_window,
+                   max_tokens=args.ppl_tokens, progress=False)
+    return {"ppl": r.ppl, "ppl_tokens_scored": r.tokens_scored, "ppl_s": time.perf_counter() - t0}
+
+
+def onnx_dir(name: str, path: Path, work: Path, engine: str = "onnx") -> Path:
+    """The validated export (accuracy_level 0); ``onnx-a4`` is a copy with MatMulNBits accuracy_level 4."""
+    from factorlm.exporters.onnx import export_onnx
+
+    out = work / f"{name}-onnx"
+    if not (out / "factorlm_onnx.json").is_file():
+        t0 = time.perf_counter()
+        export_onnx(path, out, overwrite=True, threads=1)
+        log.info("exported %s in %.0f s", name, time.perf_counter() - t0)
+    if engine == "onnx":
+        return out
+    import onnx
+
+    a4 = work / f"{name}-onnx-a4"
+    if not (a4 / "factorlm_onnx.json").is_file():
+        shutil.copytree(out, a4, dirs_exist_ok=True)
+        graph = onnx.load(str(a4 / "model.onnx"))
+        for node in graph.graph.node:
+            for attr in node.attribute:
+                if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                    attr.i = 4
+        onnx.save(graph, str(a4 / "model.onnx"))
+    return a4
+
+
+def speed(engine: str, paths: dict[str, Path], work: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """{variant: {"b1": tok/s, ...}} for one engine, interleaved across variants, best of the repeats."""
+    from factorlm.bench.engines import OnnxRunner, TorchRunner
+    from factorlm.bench.runner import BenchConfig
+    from factorlm.runtime.format import FactorlmError
+
+    cfg = BenchConfig(engines=[engine], batches=[int(b) for b in args.batches.split(",")],
+                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+    runners: dict[str, Any] = {}
+    out: dict[str, dict[str, float]] = {}
+    for name, path in paths.items():
+        try:
+            runners[name] = (TorchRunner(path, cfg) if engine == "torch"
+                             else OnnxRunner(onnx_dir(name, path, work, engine), cfg))
+        except FactorlmError as exc:  # e.g. an int4 group size ONNX Runtime's kernel cannot take
+            log.warning("%s on %s: %s", name, engine, exc)
+            out[name] = {"error": str(exc)}
+    prompt = [[(7 * i + 11) % 1000 + 100 for i in range(args.prompt_tokens)]]
+    for batch in cfg.batches:
+        for runner in runners.values():  # warm-up
+            runner.run(prompt * batch, 4)
+        for _ in range(args.repeats):
+            for name, runner in runners.items():
+                t = runner.run(prompt * batch, args.new_tokens)
+                tok_s = batch * (args.new_tokens - 1) / t.decode_s
+                cell = out.setdefault(name, {})
+                cell[f"b{batch}"] = max(cell.get(f"b{batch}", 0.0), tok_s)
+    for runner in runners.values():
+        runner.close()
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+def write_report(result: dict[str, Any], name: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = result["variants"]
+    ref = rows.get("fact-fp32", {}).get("ppl")
+    engines = result["config"]["engines"].split(",")
+    batches = result["config"]["batches"].split(",")
+    cols = [f"{e} b{b}" for e in engines for b in batches]
+    lines = [f"# Quantized factors on the sample model ({result['config']['factored_name']} ranks)", "",
+             f"Command: `{result['command']}`", "",
+             f"Load average at start / end: {result['load_start']} / {result.get('load_end', 'n/a')}; "
+             f"1 thread; WikiText-2 test, first {result['config']['ppl_tokens']} tokens, window "
+             f"{result['config']['ppl_window']}; decode tok/s = batch x {result['config']['new_tokens'] - 1} "
+             f"tokens / decode time, best of {result['config']['repeats']} interleaved repeats. int4 group size "
+             f"{result['config']['int4_group']}. GPTQ Grams from {result['config']['calib_samples']} x "
+             f"{result['config']['calib_len']} tokens of the built-in sample text.", "",
+             "| variant | bytes (MB) | WikiText-2 ppl | ppl vs fact-fp32 | " + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
+    for v, r in rows.items():
+        ppl = r.get("ppl")
+        rel = f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else ""
+        cells = []
+        for e in engines:
+            for b in batches:
+                s = r.get("speed", {}).get(e, {})
+                cells.append(f"{s[f'b{b}']:.1f}" if f"b{b}" in s else ("n/a" if "error" in s else ""))
+        lines.append(f"| {v} | {r.get('bytes', 0) / 1e6:.1f} | {f'{ppl:.3f}' if ppl else ''} | {rel} | "
+                     + " | ".join(cells) + " |")
+    errors = [f"- {v} on {e}: {s['error']}" for v, r in rows.items() for e, s in r.get("speed", {}).items()
+              if "error" in s]
+    if errors:
+        lines += ["", "Not measured:", *errors]
+    if result.get("notes"):
+        lines += ["", *result["notes"]]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def time_kernels() -> dict[str, Any]:
+    """us per call of each quantized-layer kernel vs fp32, on the sample model's shapes, 1 thread."""
+    import torch
+
+    from factorlm.runtime.factored_linear import FactoredLinear
+    from factorlm.runtime.quant_linear import QUANT_KERNELS, QuantizedFactoredLinear
+
+    torch.set_num_threads(1)
+    out = {}
+    for o, i, r in [(1536, 576, 408), (576, 1536, 200), (576, 576, 200)]:
+        fp = FactoredLinear.from_linear(torch.nn.Linear(i, o, bias=False), r)
+        q = QuantizedFactoredLinear.from_factored(fp, 8)
+        for b in (1, 8):
+            x = torch.randn(b, i)
+            row = {}
+            for kernel in ("fp32", *QUANT_KERNELS):
+                layer = fp
+                if kernel != "fp32":
+                    q.prepare(kernel)
+                    layer = q
+                with torch.inference_mode():
+                    for _ in range(5):
+                        layer(x)
+                    t0 = time.perf_counter()
+                    for _ in range(50):
+                        layer(x)
+                row[kernel] = (time.perf_counter() - t0) / 50 * 1e6
+            out[f"{o}x{i} r{r} b{b}"] = row
+    return out
+
+
+def _portable(arg: str) -> str:
+    """A path argument as its last two components (results name no machine paths)."""
+    if "=" in arg and os.sep in arg:  # --point NAME=DIR[:...]
+        name, _, rest = arg.partition("=")
+        src, *opts = rest.split(":")
+        return ":".join([f"{name}={_portable(src)}", *opts])
+    return "/".join(Path(arg).parts[-2:]) if os.sep in arg and Path(arg).exists() else arg
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.kernels:
+        print(json.dumps(time_kernels(), indent=2))
+        return 0
+    from factorlm.sample_model import cache_root, sample_model_path
+
+    args.dense = args.dense or sample_model_path()
+    args.factored = args.factored or cache_root() / "pareto" / "ckpt" / "saes-mgaa-k0.8"
+    args.text = args.text or Path("wikitext-2-raw/wiki.test.raw")
+    work = args.work or cache_root() / "bench-quant"
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/bench_quant.py " + " ".join(map(_portable, argv)),
+        "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k not in ("dense", "factored", "text", "work", "point")}
+        | {"factored_name": args.factored.name, "points": [p.split("=")[0] for p in args.point]},
+        "variants": {},
+        "notes": [],
+    }
+    names = [n for n in args.variants.split(",") if n]
+    paths = {}
+    for name in names:
+        paths[name] = build_variant(name, args, work)
+    for spec in args.point:
+        name, path = build_point(spec, args, work)
+        names.append(name)
+        paths[name] = path
+    for name in names:
+        row = result["variants"].setdefault(name, {})
+        row["bytes"] = stored_bytes(paths[name])
+        row.update(quality(paths[name], args.dense, args))
+        log.info("%s: %.1f MB, ppl %.3f", name, row["bytes"] / 1e6, row["ppl"])
+        write_report(result, args.name)
+    for engine in args.engines.split(","):
+        for name, cells in speed(engine, paths, work, args).items():
+            result["variants"][name].setdefault("speed", {})[engine] = cells
+        write_report(result, args.name)
+    result["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    write_report(result, args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

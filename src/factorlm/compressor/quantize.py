@@ -1,0 +1,192 @@
+"""``quantize_checkpoint``: a factored (or dense) checkpoint -> a quantized one (format version 2).
+
+Every factored layer gets int8 (per output channel) or int4 (group-wise) U and V; with
+``dense=True`` the block linears kept dense are quantized the same way, so a dense model
+quantized here is the "dense int8" baseline in the same format. Rounding is round-to-nearest
+or GPTQ error feedback (:func:`factorlm.runtime.quant.quantize_gptq`) with the input Gram of
+each layer, collected from calibration text in one pass of the unquantized model (V sees
+the layer input's Gram, U the Gram of ``V_q x``).
+
+Everything that can be wrong is checked before the model is loaded or any Gram collected:
+bits, group size against every weight's input dimension (errors name the module), an
+already quantized source, an existing output. The result is written atomically by
+:func:`factorlm.runtime.checkpoint.save_factored`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..runtime.factored_linear import FactoredLinear
+from ..runtime.format import ROUNDINGS, FactoredConfig, FactorlmError, read_config_json, read_factored_config
+from ..runtime.quant import check_quant_params
+
+logger = logging.getLogger(__name__)
+SIDE_FILES = ("factorlm_recipe.yaml", "factorlm_report.json")
+
+
+def check_scheme(bits: int, group_size: int | None, rounding: str) -> None:
+    """Bits, group size and rounding on their own (the per-module fit is :func:`check_targets`)."""
+    if bits not in (4, 8):
+        raise FactorlmError(f"bits must be 4 or 8, got {bits!r}")
+    if bits == 8 and group_size:
+        raise FactorlmError("int8 is per output channel; --group-size applies to --bits 4 only")
+    if bits == 4 and (not group_size or group_size < 2 or group_size % 2):
+        raise FactorlmError(f"int4 needs an even group size >= 2 (e.g. --group-size 128), got {group_size!r}")
+    if rounding not in ROUNDINGS:
+        raise FactorlmError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def weight_shapes(config: FactoredConfig | None, skeleton: nn.Module, dense: bool) -> dict[str, list[tuple[str, int]]]:
+    """{module: [(part, input dim), ...]} of every weight that will be quantized."""
+    from ..runtime.arch import compressible_linears
+
+    ranks = config.ranks if config else {}
+    targets: dict[str, list[tuple[str, int]]] = {}
+    for fqn, module in compressible_linears(skeleton).items():
+        if fqn in ranks:
+            targets[fqn] = [("weight_u", ranks[fqn]), ("weight_v", module.in_features)]
+        elif dense and isinstance(module, nn.Linear):
+            targets[fqn] = [("weight", module.in_features)]
+    return targets
+
+
+def check_targets(targets: dict[str, list[tuple[str, int]]], bits: int, group_size: int | None) -> None:
+    """Every weight's input dimension fits the scheme; the error names the module and part."""
+    for fqn, parts in targets.items():
+        for part, in_f in parts:
+            check_quant_params(bits, group_size, in_f, f"module {fqn!r} ({part})")
+
+
+def check_source(src: Path, dense: bool) -> FactoredConfig | None:
+    """The source's factorlm block (None for a dense folder); refuses an already quantized one."""
+    if not src.is_dir():
+        raise FactorlmError(f"{src}: checkpoint folder not found")
+    read_config_json(src)
+    block = read_factored_config(src)
+    if block is not None and block.quantized:
+        raise FactorlmError(f"{src / 'config.json'}: checkpoint is already quantized (bits={block.bits}); "
+                            f"quantize the unquantized checkpoint instead")
+    if block is None and not dense:
+        raise FactorlmError(f"{src}: a dense model has no factored modules; pass --dense to quantize its linears")
+    if block is not None and block.correctors == "separate":
+        raise FactorlmError(f"{src}: correctors are kept separate; run 'factorlm fold' first")
+    return block
+
+
+def _skeleton(src: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(src)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+# --------------------------------------------------------------------------- calibration Grams
+
+
+@contextmanager
+def gram_hooks(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Accumulate X^T X (fp32) of the input of each named module while the block runs."""
+    grams: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str):  # noqa: ANN202 - a forward pre-hook
+        def fn(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            g = x.T @ x
+            grams[name] = grams[name] + g if name in grams else g
+        return fn
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        yield grams
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_grams(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Input Gram of each named linear over the calibration ``windows`` [n, seq] (one model pass)."""
+    with gram_hooks(model, names) as grams, torch.no_grad():
+        for start in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[start:start + batch_size], use_cache=False)
+    return grams
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def quantize_model(model: nn.Module, targets: list[str], bits: int, group_size: int | None,
+                   grams: dict[str, torch.Tensor] | None = None) -> None:
+    """Swap each named layer for its quantized version in place (GPTQ where a Gram is given)."""
+    from ..runtime.quant_linear import QuantizedFactoredLinear, QuantizedLinear, _set_child
+
+    for i, fqn in enumerate(targets):
+        layer = model.get_submodule(fqn)
+        gram = grams.get(fqn) if grams else None
+        if isinstance(layer, FactoredLinear):
+            new: nn.Module = QuantizedFactoredLinear.from_factored(layer, bits, group_size, gram)
+        elif isinstance(layer, nn.Linear):
+            new = QuantizedLinear.from_linear(layer, bits, group_size, gram)
+        else:
+            raise FactorlmError(f"module {fqn!r} is a {type(layer).__name__}; only linear layers can be quantized")
+        _set_child(model, fqn, new)
+        if grams:
+            grams.pop(fqn, None)  # free it as soon as it is used
+        logger.debug("quantized %s (%d/%d)", fqn, i + 1, len(targets))
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits: int, group_size: int | None = None,
+                        rounding: str = "rtn", dense: bool = False, calib: str = "sample", calib_samples: int = 32,
+                        calib_len: int = 512, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
+    """Quantize checkpoint ``src`` into ``out`` (may equal ``src`` with ``overwrite``); returns a summary."""
+    from ..runtime.checkpoint import load_model, load_tokenizer, save_factored
+
+    src, out = Path(src), Path(out)
+    group_size = group_size if bits == 4 else None
+    check_scheme(bits, group_size, rounding)
+    block = check_source(src, dense)
+    if out.exists() and not overwrite:
+        raise FactorlmError(f"{out}: output directory exists; pass --overwrite to replace it")
+    targets = weight_shapes(block, _skeleton(src), dense)
+    if not targets:
+        raise FactorlmError(f"{src}: nothing to quantize (no factored modules, and no dense linears selected)")
+    check_targets(targets, bits, group_size)
+    model = load_model(src, fast_layout=False).float()
+    tokenizer = load_tokenizer(src)
+    grams = None
+    if rounding == "gptq":
+        from .calib_sources import calibration_windows
+
+        windows = calibration_windows(tokenizer, calib, calib_samples, calib_len, seed)
+        logger.info("collecting input Grams of %d layers from %d x %d calibration tokens", len(targets),
+                    *windows.shape)
+        grams = collect_grams(model, list(targets), windows)
+    quantize_model(model, list(targets), bits, group_size, grams)
+    base = block or FactoredConfig(ranks={})
+    config = FactoredConfig(ranks={}, dense=list(base.dense), producer=dict(base.producer), rounding=rounding,
+                            bits=bits, group_size=group_size)
+    extra: dict[str, str | bytes] = {name: (src / name).read_text() for name in SIDE_FILES if (src / name).is_file()}
+    info = {"bits": bits, "group_size": group_size, "rounding": rounding, "modules": len(targets),
+            "calibration": {"source": calib, "samples": calib_samples, "length": calib_len} if grams is not None else None}
+    extra["factorlm_quantization.json"] = json.dumps(info, indent=2) + "\n"
+    path = save_factored(model, out, tokenizer=tokenizer, config=config, extra_files=extra, overwrite=overwrite)
+    if (src / "generation_config.json").is_file() and not (path / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", path / "generation_config.json")
+    logger.info("wrote %s (%d-bit%s, %s, %d modules)", out, bits, f", group {group_size}" if group_size else "",
+                rounding, len(targets))
+    return info

@@ -1,0 +1,248 @@
+"""Quantized linear layers and the model-level swaps that use them.
+
+``QuantizedFactoredLinear`` holds a factored layer's U and V as integer codes plus float
+scales (format version 2, math in :mod:`.quant`); ``QuantizedLinear`` does the same for a
+dense weight (the "dense int8" baseline in the same format). The codes and scales are
+persistent buffers, so ``state_dict``/``save_pretrained`` write exactly what the checkpoint
+holds, and loading assigns them without conversion.
+
+How a quantized layer multiplies on CPU (measured with benchmarks/bench_quant.py
+``--kernels``, 1 thread): ``torch._weight_int8pack_mm`` was 5-50x slower than an fp32
+matmul on the sample model's shapes and dequantize-per-call 2-7x slower, so the default
+kernel "cached" dequantizes the stored codes once at load (the values are exactly
+codes * scales) and runs fp32 matmuls; the bytes saved are on disk and in transfer, not in
+the matmul. "dequant" (dequantize every call, no extra memory) and "int8pack" remain
+selectable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .factored_linear import FactoredLinear
+from .format import FactorlmError, FormatError
+
+QUANT_KERNELS = ("cached", "dequant", "int8pack")
+DEFAULT_KERNEL = "cached"
+def _register_quantized(module: nn.Module, part: str, out_f: int, in_f: int, bits: int, group_size: int | None,
+                        device: torch.device | str | None) -> None:
+    """Empty ``<part>_qweight`` and ``<part>_scales`` buffers (persistent: they are what the checkpoint holds)."""
+    from .quant import check_quant_params, qweight_dtype, qweight_shape, scales_shape
+
+    check_quant_params(bits, group_size, in_f, f"{type(module).__name__} {part}")
+    module.register_buffer(f"{part}_qweight", torch.empty(qweight_shape(bits, out_f, in_f), dtype=qweight_dtype(bits),
+                                                         device=device))
+    module.register_buffer(f"{part}_scales", torch.empty(scales_shape(bits, group_size, out_f, in_f),
+                                                        dtype=torch.float32, device=device))
+
+
+def _set_quantized(module: nn.Module, part: str, weight: torch.Tensor, gram: torch.Tensor | None) -> None:
+    from .quant import quantize
+
+    q, s = quantize(weight.detach().float(), module.bits, module.group_size, gram)
+    setattr(module, f"{part}_qweight", q.to(weight.device).contiguous())  # int8pack and safetensors want contiguous
+    setattr(module, f"{part}_scales", s.to(weight.device).contiguous())
+
+
+class _QuantizedBase(nn.Module):
+    """Shared logic: stored codes + scales per weight part, dequantized once or per call."""
+
+    parts: tuple[str, ...] = ()
+
+    def _init_common(self, bits: int, group_size: int | None, bias: bool, out_features: int,
+                     device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        self.bits = bits
+        self.group_size = group_size if bits == 4 else None
+        self.compute_dtype = dtype or torch.float32
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.kernel = "dequant"  # until prepare(): no second copy of the weights before they are loaded
+        self._cache: dict[str, torch.Tensor] | None = None
+
+    def dequantized(self, part: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The floating-point weight ``part`` stands for (exactly codes * scales, in fp32 then cast)."""
+        from .quant import dequantize
+
+        return dequantize(getattr(self, f"{part}_qweight"), getattr(self, f"{part}_scales"), self.bits,
+                          self.group_size, dtype or self.compute_dtype)
+
+    def prepare(self, kernel: str = "cached") -> None:
+        """Choose the matmul path; "cached" dequantizes now (call again after moving the module)."""
+        if kernel not in QUANT_KERNELS:
+            raise FactorlmError(f"unknown quantized kernel {kernel!r}; choose from {QUANT_KERNELS}")
+        if kernel == "int8pack" and self.bits != 8:
+            raise FactorlmError("kernel 'int8pack' needs int8 weights")
+        self.kernel = kernel
+        self._cache = None
+        if kernel == "cached":
+            cache = {p: self.dequantized(p) for p in self.parts}
+            for p in ("weight_u", "weight"):  # column-major U and dense W on CPU, as layout.py does for fp
+                if p in cache and cache[p].device.type == "cpu":
+                    cache[p] = cache[p].t().contiguous().t()
+            self._cache = cache
+
+    def _linear(self, x: torch.Tensor, part: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self._cache is not None:
+            weight = self._cache[part]
+            if weight.device != x.device or weight.dtype != x.dtype:  # moved or cast since prepare(): redo it
+                self.compute_dtype = x.dtype
+                self.prepare("cached")
+                weight = self._cache[part]
+            return F.linear(x, weight, bias)
+        if self.kernel == "int8pack":
+            shape = x.shape
+            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), getattr(self, f"{part}_qweight"),
+                                          getattr(self, f"{part}_scales").to(x.dtype))
+            y = y.reshape(*shape[:-1], y.shape[-1])
+            return y + bias if bias is not None else y
+        return F.linear(x, self.dequantized(part, x.dtype), bias)
+
+    def stored_bytes(self) -> int:
+        return sum(getattr(self, f"{p}{s}").numel() * getattr(self, f"{p}{s}").element_size()
+                   for p in self.parts for s in ("_qweight", "_scales"))
+
+
+class QuantizedFactoredLinear(_QuantizedBase):
+    """y = U(Vx) + b with U [out, r] and V [r, in] stored quantized (int8 per channel, int4 per group)."""
+
+    parts = ("weight_u", "weight_v")
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bits: int, group_size: int | None = None,
+                 bias: bool = False, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        _register_quantized(self, "weight_u", out_features, rank, bits, group_size, device)
+        _register_quantized(self, "weight_v", rank, in_features, bits, group_size, device)
+        self._init_common(bits, group_size, bias, out_features, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(self._linear(x, "weight_v"), "weight_u", self.bias)
+
+    @classmethod
+    def from_factored(cls, layer: FactoredLinear, bits: int, group_size: int | None = None,
+                      gram: torch.Tensor | None = None) -> "QuantizedFactoredLinear":
+        """Quantize V (GPTQ with the layer-input Gram if given), then U (with the Gram of V_q x)."""
+        u, v = layer.weight_u.detach().float(), layer.weight_v.detach().float()
+        new = cls(layer.in_features, layer.out_features, layer.rank, bits, group_size, bias=layer.bias is not None,
+                  device="meta", dtype=layer.weight_u.dtype)
+        _set_quantized(new, "weight_v", v, gram)
+        gram_u = None
+        if gram is not None:
+            vq = new.dequantized("weight_v", torch.float64)
+            gram_u = vq @ gram.to(torch.float64) @ vq.T
+        _set_quantized(new, "weight_u", u, gram_u)
+        if layer.bias is not None:
+            new.bias = nn.Parameter(layer.bias.detach().clone())
+        return new
+
+    def to_factored(self) -> FactoredLinear:
+        """The fp FactoredLinear with the dequantized factors (what the stored codes compute)."""
+        bias = self.bias.detach() if self.bias is not None else None
+        return FactoredLinear.from_factors(self.dequantized("weight_u"), self.dequantized("weight_v"), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}")
+
+
+class QuantizedLinear(_QuantizedBase):
+    """A dense linear y = Wx + b with W stored quantized (the "dense int8/int4" baseline)."""
+
+    parts = ("weight",)
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
+                 bias: bool = False, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        _register_quantized(self, "weight", out_features, in_features, bits, group_size, device)
+        self._init_common(bits, group_size, bias, out_features, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, "weight", self.bias)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, bits: int, group_size: int | None = None,
+                    gram: torch.Tensor | None = None) -> "QuantizedLinear":
+        new = cls(layer.in_features, layer.out_features, bits, group_size, bias=layer.bias is not None,
+                  device="meta", dtype=layer.weight.dtype)
+        _set_quantized(new, "weight", layer.weight, gram)
+        if layer.bias is not None:
+            new.bias = nn.Parameter(layer.bias.detach().clone())
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        dense.weight = nn.Parameter(self.dequantized("weight"))
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach())
+        return dense
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, kernel={self.kernel}")
+
+
+# --------------------------------------------------------------------------- model-level swaps
+
+
+def _set_child(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, _QuantizedBase]:
+    """Every quantized layer of ``model`` by fully-qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _QuantizedBase)}
+
+
+def replace_with_quantized(model: nn.Module, ranks: dict[str, int], dense: list[str], bits: int,
+                           group_size: int | None, device: torch.device | str = "meta") -> None:
+    """Swap the named (factored or dense) linears for empty quantized layers, ready for ``load_state_dict``."""
+    for fqn, rank in ranks.items():
+        m = model.get_submodule(fqn)
+        _set_child(model, fqn, QuantizedFactoredLinear(m.in_features, m.out_features, rank, bits, group_size,
+                                                       bias=m.bias is not None, device=device, dtype=_dtype_of(m)))
+    for fqn in dense:
+        m = model.get_submodule(fqn)
+        _set_child(model, fqn, QuantizedLinear(m.in_features, m.out_features, bits, group_size,
+                                               bias=m.bias is not None, device=device, dtype=_dtype_of(m)))
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def prepare_quantized(model: nn.Module, kernel: str = DEFAULT_KERNEL) -> int:
+    """Choose the matmul path of every quantized layer (see the module docstring); returns how many."""
+    layers = quantized_modules(model)
+    for layer in layers.values():
+        layer.prepare(kernel)
+    return len(layers)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by the fp layer its stored codes stand for (in place).
+
+    Exporters that need plain weights (vLLM; ONNX before it re-inserts the stored codes)
+    trace this; the values are exactly codes * scales.
+    """
+    for fqn, layer in quantized_modules(model).items():
+        fp = layer.to_factored() if isinstance(layer, QuantizedFactoredLinear) else layer.to_linear()
+        _set_child(model, fqn, fp)
+    return model
+
+
+def quant_fields(model: nn.Module, rounding: str | None) -> dict[str, Any]:
+    """The format-version-2 fields the model's quantized layers imply (empty when it has none)."""
+    layers = quantized_modules(model)
+    if not layers:
+        return {}
+    schemes = {(m.bits, m.group_size) for m in layers.values()}
+    if len(schemes) > 1:
+        raise FormatError(f"quantized layers mix schemes {sorted(schemes, key=str)}; one (bits, group size) per checkpoint")
+    bits, group = schemes.pop()
+    return {"bits": bits, "group_size": group, "rounding": rounding or "rtn",
+            "quantized_dense": [n for n, m in layers.items() if isinstance(m, QuantizedLinear)]}

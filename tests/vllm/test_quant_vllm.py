@@ -1,0 +1,34 @@
+"""vLLM serves quantized checkpoints (format version 2, dequantized at load): greedy tokens equal the torch runtime's.
+
+The int8 checkpoint is the mixed fused-group layout of ``vllm_helpers.mixed_ranks`` with the
+dense pieces quantized too (``dense=True``), so q/k/v and gate/up groups hold quantized
+factored and quantized dense pieces side by side; the int4 one uses group size 16.
+"""
+
+from __future__ import annotations
+
+import pytest
+from vllm_helpers import make_llm, mixed_ranks, prompt_ids, reference_tokens, shutdown, vllm_tokens
+
+from factorlm.compressor.quantize import quantize_checkpoint
+from factorlm.testing import write_tiny_factored
+
+pytestmark = pytest.mark.vllm
+
+
+def _int4_ranks() -> dict[str, int]:
+    return {name: 16 if rank < 16 else 32 for name, rank in mixed_ranks().items()}
+
+
+@pytest.mark.parametrize("bits,group,ranks", [(8, None, mixed_ranks()), (4, 16, _int4_ranks())],
+                         ids=["int8-mixed-dense", "int4-g16"])
+def test_quantized_greedy_parity(vllm_module, tmp_path, bits, group, ranks) -> None:
+    src = write_tiny_factored(tmp_path / "factored", "llama", ranks=ranks)
+    path = tmp_path / "q"
+    quantize_checkpoint(src, path, bits=bits, group_size=group, dense=True)
+    prompts = prompt_ids(path)
+    llm = make_llm(path)
+    try:
+        assert vllm_tokens(llm, prompts) == reference_tokens(path, prompts)
+    finally:
+        shutdown(llm)
