@@ -24,7 +24,7 @@ import torch
 
 from ...runtime.format import FactorlmError, read_factored_config
 from .graph import CacheShape, FlatDecoder, dynamic_shapes, example_inputs, input_names, output_names
-from .metadata import METADATA_FILE, build_metadata, genai_config, write_json
+from .metadata import METADATA_FILE, build_metadata, genai_config, save_onnx, write_json
 from .validate import validate_graph, worst_as_dict
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def to_fp16(path: Path, external_data: bool) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
-    _save_onnx(model, path, external_data)
+    save_onnx(model, path, external_data)
 
 
 def quantize_int8(path: Path, external_data: bool, block_size: int = 32) -> None:
@@ -107,19 +107,7 @@ def quantize_int8(path: Path, external_data: bool, block_size: int = 32) -> None
     quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=block_size, is_symmetric=True,
                                      accuracy_level=4)
     quantizer.process()
-    _save_onnx(quantizer.model.model, path, external_data)
-
-
-def _save_onnx(model: Any, path: Path, external_data: bool) -> None:
-    import onnx
-
-    for f in path.parent.glob(path.name + "*"):
-        f.unlink()
-    if external_data:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data")
-    else:
-        onnx.save(model, str(path))
+    save_onnx(quantizer.model.model, path, external_data)
 
 
 def make_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:

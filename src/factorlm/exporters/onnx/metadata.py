@@ -143,3 +143,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.umask(mask)
     os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
+
+
+def save_onnx(model: Any, path: Path, external_data: bool) -> None:
+    """Write an ONNX model (weights beside it in one ``.data`` file when ``external_data``), replacing old files."""
+    import onnx
+
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    if external_data:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))

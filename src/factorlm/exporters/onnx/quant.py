@@ -98,7 +98,7 @@ def insert_stored_codes(path: Path, stored: dict[str, StoredWeight], external_da
     import onnx
     from onnx import helper, numpy_helper
 
-    from .export import _save_onnx
+    from .metadata import save_onnx
 
     model = onnx.load(str(path))
     graph = model.graph
@@ -136,7 +136,7 @@ def insert_stored_codes(path: Path, stored: dict[str, StoredWeight], external_da
     missing = {s.name for s in stored.values()} - set(replaced.values())
     if missing:
         raise FactorlmError(f"ONNX export: no MatMul found for quantized weights {sorted(missing)[:5]}")
-    _save_onnx(model, path, external_data)
+    save_onnx(model, path, external_data)
     log.info("wrote %d quantized MatMuls as MatMulNBits from the stored codes", len(replaced))
     return len(replaced)
 
