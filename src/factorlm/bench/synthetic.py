@@ -60,6 +60,55 @@ def random_dense(shape: str, dtype: torch.dtype = torch.bfloat16, device: str = 
     return model.eval()
 
 
+def write_synthetic_source(shape: str, path: Path, *, dtype: torch.dtype = torch.bfloat16,
+                           max_shard_size: str | int = "5GB", seed: int = 0, **overrides: Any) -> Path:
+    """Write a random dense HF folder of ``shape`` shard by shard, one tensor in memory at a time.
+
+    The skeleton lives on the meta device; each tensor is drawn when its shard is written
+    (N(0, 0.02) matrices like HF's initialisation, ones for norms), so a 16 GB 8B-shape source
+    needs about one embedding matrix of RAM. ``overrides`` change the config (e.g. fewer
+    layers). Written to a temporary sibling and renamed, so a killed run leaves no half source.
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from ..compressor.shard_writer import OutTensor, write_shards
+    from ..runtime.checkpoint import params_on_meta
+    from ..testing import make_tiny_tokenizer
+
+    config = synthetic_config(shape)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.dtype = dtype
+    model.config.architectures = [type(model).__name__]
+
+    def draw(index: int, shape_: tuple[int, ...]) -> Any:
+        def fetch() -> torch.Tensor:
+            if len(shape_) == 1:
+                return torch.ones(shape_, dtype=dtype)
+            gen = torch.Generator().manual_seed(seed * 100003 + index)
+            return torch.empty(shape_, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+        return fetch
+
+    tied = f"{next(n for n, m in model.named_modules() if m is model.get_output_embeddings())}.weight" \
+        if config.tie_word_embeddings else None
+    tensors = [OutTensor(name, dtype, tuple(p.shape), draw(i, tuple(p.shape)))
+               for i, (name, p) in enumerate(model.state_dict(keep_vars=True).items()) if name != tied]
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_shards(tmp, tensors, max_shard_size)
+    model.config.save_pretrained(tmp)
+    make_tiny_tokenizer().save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
 def uniform_plan(model: nn.Module, keep: float, multiple: int) -> dict[str, int]:
     """Ranks keeping ``keep`` of every block linear's parameters (layers that would not shrink stay dense)."""
     from ..compressor.budget import shapes_of, uniform_ranks

@@ -41,6 +41,7 @@ _LAZY = {
     "calibration_windows": "calib_sources", "write_calibration_text": "calib_sources",
     "format_report": "report", "plot_kept_fraction": "report", "read_report": "report",
     "shapes_of": "budget", "uniform_ranks": "budget",
+    "meta_skeleton": "source", "SafetensorsSource": "source",
 }
 
 
@@ -152,5 +153,6 @@ __all__ = [
     "MethodOptions", "as_recipe", "calibration_windows", "check_recipe", "compress", "compress_checkpoint",
     "compress_model", "finetune_checkpoint", "format_report", "get_allocator", "get_method", "heal_config",
     "load_recipe", "needs_calibration", "parse_dtype", "plot_kept_fraction", "read_report", "recipe_from_dict",
-    "resolve_model", "shapes_of", "source_dtype", "uniform_ranks", "write_calibration_text",
+    "SafetensorsSource", "meta_skeleton", "resolve_model", "shapes_of", "source_dtype", "uniform_ranks",
+    "write_calibration_text",
 ]

@@ -79,26 +79,25 @@ class SafetensorsSource:
             if any(self.root.glob("*.bin")) or any(self.root.glob("*.pt")):
                 raise FormatError(f"{self.root}: only pickle weight files found; factorlm reads safetensors only")
             raise FormatError(f"{self.root}: no {SINGLE_FILE} (or {INDEX_FILE}) found")
-        self._handles: dict[Path, Any] = {}
         self._meta: dict[str, tuple[str, list[int]]] = {}
         for path in files:
-            handle = self._open(path)
-            for key in handle.keys():
-                self.where[key] = path
-                sl = handle.get_slice(key)
-                self._meta[key] = (sl.get_dtype(), list(sl.get_shape()))
+            with self._open(path) as handle:
+                for key in handle.keys():
+                    self.where[key] = path
+                    sl = handle.get_slice(key)
+                    self._meta[key] = (sl.get_dtype(), list(sl.get_shape()))
         if weight_map is not None:
             absent = [k for k, f in weight_map.items() if self.where.get(k) != self.root / f]
             if absent:
                 raise FormatError(f"{index}: tensors not found in the shard the index names: {absent[:5]}")
 
-    def _open(self, path: Path) -> Any:
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise FormatError(f"{path}: cannot read safetensors file: {exc}") from None
-        return self._handles[path]
+    @staticmethod
+    def _open(path: Path) -> Any:
+        """A fresh handle: files are opened per read, so no mapping of a multi-GB shard stays resident."""
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise FormatError(f"{path}: cannot read safetensors file: {exc}") from None
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -115,7 +114,8 @@ class SafetensorsSource:
         if name not in self.where:
             raise FormatError(f"{self.root}: tensor {name!r} not found in the safetensors files")
         try:
-            return self._open(self.where[name]).get_tensor(name)
+            with self._open(self.where[name]) as handle:
+                return handle.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise FormatError(f"{self.where[name]}: cannot read tensor {name!r}: {exc}") from None
 
