@@ -13,7 +13,7 @@ from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint,
 from factorlm.runtime.checkpoint import load_factored, partial_dir, save_factored, factorize_model
 from factorlm.runtime.arch import compressible_linears
 from factorlm.runtime.format import FactorlmError
-from factorlm.runtime.verify import read_headers
+from factorlm.runtime.safetensors_header import read_headers
 from factorlm.runtime.checkpoint import safetensors_files
 from factorlm.testing import make_tiny_model
 

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 import factorlm  # noqa: F401  (registers the transformers quantizer)
 from factorlm.runtime.checkpoint import load_factored, load_model, safetensors_files
 from factorlm.runtime.format import FormatError
-from factorlm.runtime.verify import read_header, verify_folder
+from factorlm.runtime.safetensors_header import read_header
+from factorlm.runtime.verify import verify_folder
 from factorlm.testing import save_tiny_dense, write_tiny_factored
 
 MOD = "model.layers.1.mlp.up_proj"

@@ -31,7 +31,7 @@ from ..runtime.checkpoint import (
 )
 from ..runtime.factored_linear import CorrectedLinear, FactoredLinear
 from ..runtime.format import FactoredConfig, FactorlmError
-from ..runtime.verify import read_headers
+from ..runtime.safetensors_header import read_headers
 from .allocation import AraConfig, get_allocator
 from .blockwise import check_finite_weight, compress_blocks, spectra_pass, weight_spectra
 from .budget import count_params, kept_params, shapes_of

@@ -24,7 +24,8 @@ from torch import nn
 
 from .factored_linear import CorrectedLinear, FactoredLinear
 from .format import FactoredConfig, FactorlmError, FormatError, read_config_json, read_factored_config
-from .verify import checkpoint_problems, raise_on_problems, rank_problem, read_headers
+from .safetensors_header import read_headers
+from .verify import checkpoint_problems, raise_on_problems, rank_problem
 
 logger = logging.getLogger(__name__)
 

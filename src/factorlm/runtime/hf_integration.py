@@ -157,7 +157,8 @@ def register_with_transformers(qauto: ModuleType | None = None) -> None:
 
 def check_before_loading(model: Any, block: FactoredConfig, files: list[Path]) -> None:
     """What ``load_factored`` checks, on transformers' skeleton (dense still) and files: same messages."""
-    from .verify import checkpoint_problems, raise_on_problems, read_headers
+    from .safetensors_header import read_headers
+    from .verify import checkpoint_problems, raise_on_problems
 
     root = files[0].parent
     raise_on_problems(checkpoint_problems(model, read_headers(files), block, root), root)
