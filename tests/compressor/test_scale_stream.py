@@ -211,3 +211,8 @@ def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, monkeypatch):
     assert resolve_source("acme/tiny") == snap
     with pytest.raises(FactorlmError, match="never downloads"):
         resolve_source("acme/absent")
+    from factorlm.cli.common import resolve_model_path
+
+    assert resolve_model_path("acme/tiny") == snap  # the CLI's model argument takes the same hub ids
+    with pytest.raises(FactorlmError, match="never downloads"):
+        resolve_model_path("acme/absent")

@@ -22,15 +22,21 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 
 
 def resolve_model_path(value: str) -> Path:
-    """A local model folder, or ``sample`` for the built-in sample model (materialised on demand).
+    """A local model folder, a hub id (``org/name``) already in the local Hugging Face cache, or
+    ``sample`` for the built-in sample model (materialised on demand).
 
-    Hub ids are not fetched: factorlm works on local folders so runs are reproducible offline.
+    Hub ids are not fetched: download once with ``huggingface-cli download org/name``, so runs
+    are reproducible offline.
     """
     if value == SAMPLE_ALIAS:
         from ..sample_model import materialize_sample_model
 
         return materialize_sample_model()
     path = Path(value)
+    if not path.exists() and value.count("/") == 1 and not value.startswith((".", "/")):
+        from ..compressor.source import resolve_source
+
+        return resolve_source(value)
     if not path.exists():
         raise FactorlmError(f"{path}: model folder not found (give a local folder, or 'sample' for the built-in model)")
     if not path.is_dir():
