@@ -209,7 +209,7 @@ def check_args(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe
     if getattr(args, "factor_bits", None):
         from .quantize import check_factor_flags
 
-        check_factor_flags(args)
+        check_factor_flags(args, recipe.rank_multiple)
     from ..compressor import check_recipe
 
     return check_recipe(recipe, str(args.recipe or "command line"))

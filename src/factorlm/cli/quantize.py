@@ -54,14 +54,14 @@ def group_size_of(args: argparse.Namespace, bits: int) -> int | None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..compressor.quantize import check_scheme, check_source
+    from ..compressor import check_scheme, check_source
 
     src = Path(args.folder)
     check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.folder)])
     group = group_size_of(args, args.bits)
     check_scheme(args.bits, group, args.rounding)
     check_source(src, args.dense)
-    from ..compressor.quantize import quantize_checkpoint
+    from ..compressor import quantize_checkpoint
 
     info = quantize_checkpoint(src, args.output, bits=args.bits, group_size=group, rounding=args.rounding,
                                dense=args.dense, calib=args.calib, calib_samples=args.calib_samples,
@@ -71,16 +71,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_factor_flags(args: argparse.Namespace) -> None:
-    """``compress --factor-bits``: the scheme is checked before compression starts."""
-    from ..compressor.quantize import check_scheme
+def check_factor_flags(args: argparse.Namespace, rank_multiple: int) -> None:
+    """``compress --factor-bits``: the scheme is checked before compression starts.
 
-    check_scheme(args.factor_bits, group_size_of(args, args.factor_bits), args.rounding)
+    Every rank is a multiple of ``rank_multiple`` and is the input dimension of a U factor, so
+    an int4 group size must divide it (or the run would fail only after compressing).
+    """
+    from ..compressor import check_scheme
+    from ..runtime.format import FactorlmError
+
+    group = group_size_of(args, args.factor_bits)
+    check_scheme(args.factor_bits, group, args.rounding)
+    if group is not None and rank_multiple % group:
+        raise FactorlmError(f"--group-size {group} does not divide --rank-multiple {rank_multiple}: the factors' "
+                            f"ranks are multiples of {rank_multiple}; pass --rank-multiple {group} (or a multiple)")
 
 
 def quantize_output(args: argparse.Namespace, path: object) -> None:
     """``compress --factor-bits``: quantize the checkpoint just written, in place (atomic replace)."""
-    from ..compressor.quantize import quantize_checkpoint
+    from ..compressor import quantize_checkpoint
 
     calib = args.calib or "sample"
     quantize_checkpoint(path, path, bits=args.factor_bits, group_size=group_size_of(args, args.factor_bits),

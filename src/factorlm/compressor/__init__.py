@@ -42,6 +42,7 @@ _LAZY = {
     "format_report": "report", "plot_kept_fraction": "report", "read_report": "report",
     "shapes_of": "budget", "uniform_ranks": "budget",
     "meta_skeleton": "source", "SafetensorsSource": "source",
+    "check_scheme": "quantize", "check_source": "quantize", "quantize_checkpoint": "quantize",
 }
 
 
@@ -153,6 +154,6 @@ __all__ = [
     "MethodOptions", "as_recipe", "calibration_windows", "check_recipe", "compress", "compress_checkpoint",
     "compress_model", "finetune_checkpoint", "format_report", "get_allocator", "get_method", "heal_config",
     "load_recipe", "needs_calibration", "parse_dtype", "plot_kept_fraction", "read_report", "recipe_from_dict",
-    "SafetensorsSource", "meta_skeleton", "resolve_model", "shapes_of", "source_dtype", "uniform_ranks",
+    "SafetensorsSource", "check_scheme", "check_source", "meta_skeleton", "quantize_checkpoint", "resolve_model", "shapes_of", "source_dtype", "uniform_ranks",
     "write_calibration_text",
 ]
