@@ -9,7 +9,7 @@ or building its top-k cache). Writes results/heal.md + .json + heal.png.
 
 With ``--lr LR [LR ...]`` it instead compares peak learning rates on one configuration (batch 2,
 top-k cache with the tail bucket, 1 process each; ``--jobs`` runs them side by side, so their
-tokens/s are not throughput numbers) and appends a section to results/heal.md (+ heal_lr.json).
+tokens/s are not throughput numbers) and appends a section to results/heal.md (+ heal_lr_<steps>steps.json).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def lr_sweep(a: argparse.Namespace) -> None:
         rows = {lr: {**cfgs[lr], **f.result()} for lr, f in futures.items()}
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "heal_lr.json").write_text(json.dumps({"steps": a.steps, "seq_len": a.seq_len, "batch": a.batch_size,
+    (RESULTS / f"heal_lr_{a.steps}steps.json").write_text(json.dumps({"steps": a.steps, "seq_len": a.seq_len, "batch": a.batch_size,
                                                       "top_k": a.top_k, "held_out": a.held_out, "jobs": a.jobs,
                                                       "loadavg_before": load_before, "loadavg_after": load_after,
                                                       "runs": {f"{lr:g}": r for lr, r in rows.items()}}, indent=2))
