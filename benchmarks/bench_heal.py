@@ -6,6 +6,10 @@ model; tokens/s counts training tokens over training time including the teacher 
 or building its top-k cache). Writes results/heal.md + .json + heal.png.
 
     python benchmarks/bench_heal.py CKPT --calib TEXT [--steps 4 --seq-len 256]
+
+With ``--lr LR [LR ...]`` it instead compares peak learning rates on one configuration (batch 2,
+top-k cache with the tail bucket, 1 process each; ``--jobs`` runs them side by side, so their
+tokens/s are not throughput numbers) and appends a section to results/heal.md (+ heal_lr_<steps>steps.json).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -29,9 +34,12 @@ CONFIGS = {
 
 
 def run_one(ckpt: str, calib: str, steps: int, seq_len: int, cfg: dict, work: Path) -> dict:
-    out = work / f"out{len(list(work.iterdir()))}"
+    out = work / cfg.get("name", f"out{len(list(work.iterdir()))}")
     args = [ckpt, "--teacher", "sample", "-o", str(out), "--calib", calib, "--steps", str(steps),
-            "--seq-len", str(seq_len), "--held-out", "1", "--batch-size", str(cfg["batch"]), "--no-progress"]
+            "--seq-len", str(seq_len), "--held-out", str(cfg.get("held_out", 1)), "--batch-size", str(cfg["batch"]),
+            "--no-progress"]
+    if cfg.get("lr"):
+        args += ["--lr", str(cfg["lr"])]
     if cfg["top_k"]:
         args += ["--top-k", str(cfg["top_k"])]
     if cfg["procs"] > 1:
@@ -49,13 +57,49 @@ def run_one(ckpt: str, calib: str, steps: int, seq_len: int, cfg: dict, work: Pa
             "loss": report["loss"]}
 
 
+def lr_sweep(a: argparse.Namespace) -> None:
+    """Held-out KL before/after for each peak learning rate, same data and budget; appends to heal.md."""
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    cfgs = {lr: dict(procs=1, batch=a.batch_size, top_k=a.top_k, threads=1, lr=lr, held_out=a.held_out,
+                     name=f"lr{lr:g}") for lr in a.lr}
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(a.jobs) as pool:
+        futures = {lr: pool.submit(run_one, a.checkpoint, a.calib, a.steps, a.seq_len, cfg, Path(tmp))
+                   for lr, cfg in cfgs.items()}
+        rows = {lr: {**cfgs[lr], **f.result()} for lr, f in futures.items()}
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"heal_lr_{a.steps}steps.json").write_text(json.dumps({"steps": a.steps, "seq_len": a.seq_len, "batch": a.batch_size,
+                                                      "top_k": a.top_k, "held_out": a.held_out, "jobs": a.jobs,
+                                                      "loadavg_before": load_before, "loadavg_after": load_after,
+                                                      "runs": {f"{lr:g}": r for lr, r in rows.items()}}, indent=2))
+    lines = ["", f"## Peak learning rate ({a.steps} steps x batch {a.batch_size} x {a.seq_len} tokens, top-{a.top_k} "
+             f"cache with tail bucket, 1 thread per run)", "",
+             f"{a.jobs} run(s) side by side; load average {' '.join(load_before)} before, {' '.join(load_after)} after. "
+             f"Held-out KL (full vocabulary) on {a.held_out} held-out windows.", "",
+             "| peak lr | held-out KL before | after | change | first / last training loss |", "|---|---|---|---|---|"]
+    for lr, r in rows.items():
+        b, e = r["held_out_kl_before"], r["held_out_kl_after"]
+        lines.append(f"| {lr:g} | {b:.4f} | {e:.4f} | {e - b:+.4f} | {r['loss'][0]:.4f} / {r['loss'][-1]:.4f} |")
+    with open(RESULTS / "heal.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--calib", required=True)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, nargs="+", default=None, help="compare these peak learning rates instead")
+    ap.add_argument("--batch-size", type=int, default=2, help="windows per step in the --lr comparison")
+    ap.add_argument("--top-k", type=int, default=64, help="teacher cache size in the --lr comparison")
+    ap.add_argument("--held-out", type=int, default=4, help="held-out windows in the --lr comparison")
+    ap.add_argument("--jobs", type=int, default=1, help="--lr runs side by side")
     a = ap.parse_args()
+    if a.lr:
+        lr_sweep(a)
+        return
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

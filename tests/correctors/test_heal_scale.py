@@ -47,7 +47,7 @@ def test_cached_full_vocab_teacher_gives_the_on_the_fly_loss(tmp_path):
                              top_k=k, cache_dir=str(tmp_path / "cache"))
         reports[name] = finetune(student, teacher, windows, held, cfg, progress=False)
     assert reports["full"]["loss"] == pytest.approx(reports["fly"]["loss"], rel=1e-5, abs=1e-7)
-    # top-k drops the teacher's tail mass: a lower bound of the full KL at the first step
+    # top-k with a tail bucket merges categories: a lower bound of the full KL at the first step
     assert reports["top8"]["loss"][0] <= reports["fly"]["loss"][0] + 1e-6
     assert any(p.name.endswith(".safetensors") for p in (tmp_path / "cache").iterdir())
 
@@ -98,3 +98,37 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(pair, t
     assert rep2["loss"] == pytest.approx(rep1["loss"], rel=1e-4)
     a, b = load_factored(tmp_path / "one").state_dict(), load_factored(tmp_path / "two").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_topk_kl_tail_bucket_is_the_merged_category_kl():
+    """Planted teacher/student: the k + 1-category KL equals the full KL at k = vocab, bounds it below
+    otherwise, and matches the KL computed by hand over (top-k tokens, merged tail)."""
+    from factorlm.compressor.correctors import kl_to_teacher
+    from factorlm.compressor.teacher_cache import topk_kl
+
+    torch.manual_seed(0)
+    vocab = 12
+    t_logits, s_logits = torch.randn(2, 3, vocab) * 2, torch.randn(2, 3, vocab) * 2
+    t_logp = t_logits.log_softmax(-1)
+    full = float(kl_to_teacher(s_logits, t_logp))
+    for k in (1, 3, 6, vocab - 1, vocab):
+        vals, idx = t_logp.topk(k, dim=-1)
+        got = float(topk_kl(s_logits, vals, idx))
+        p, q = t_logp.exp(), s_logits.softmax(-1)
+        keep = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, True)
+        pk = torch.cat([p.gather(-1, idx), (p * ~keep).sum(-1, keepdim=True)], -1)
+        qk = torch.cat([q.gather(-1, idx), (q * ~keep).sum(-1, keepdim=True)], -1)
+        by_hand = float(torch.where(pk > 0, pk * (pk.log() - qk.log()), torch.zeros_like(pk)).sum(-1).mean())
+        assert got == pytest.approx(by_hand, rel=1e-5, abs=1e-6)
+        assert 0.0 <= got <= full + 1e-6
+        if k >= vocab - 1:  # a tail of one token (or none) merges nothing
+            assert got == pytest.approx(full, rel=1e-5, abs=1e-6)
+        else:
+            assert got < full
+    # a student that drops the tail pays for it: zero tail mass in the student gives a large loss
+    vals, idx = t_logp.topk(3, dim=-1)
+    starved = torch.full_like(s_logits, -30.0).scatter(-1, idx, vals)
+    assert float(topk_kl(starved, vals, idx)) > 1.0
+    grad_in = s_logits.clone().requires_grad_(True)
+    topk_kl(grad_in, vals, idx).backward()
+    assert torch.isfinite(grad_in.grad).all()

@@ -55,7 +55,7 @@ class FinetuneConfig:
     """
 
     steps: int = 100
-    lr: float = 1e-4
+    lr: float = 3e-5
     warmup: int | None = None
     samples: int | None = None
     seq_len: int = 512

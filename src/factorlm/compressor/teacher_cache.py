@@ -3,8 +3,8 @@
 The dense teacher's forward costs about a third of a distillation step; with a cache it runs
 once per window, whichever number of epochs, resumes or runs follow. Only the ``k`` most likely
 tokens per position are kept: with ``k`` = vocabulary size the loss equals the on-the-fly KL;
-with a smaller ``k`` the loss is the KL restricted to the teacher's top-k tokens (the teacher's
-tail mass beyond them is dropped), see :func:`topk_kl`.
+with a smaller ``k`` the other tokens become one tail bucket (the teacher's remaining mass against
+the student's), a KL over k + 1 categories and a lower bound of the full one, see :func:`topk_kl`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,25 @@ from .dist_env import DistEnv, barrier
 
 
 def topk_kl(student_logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-    """Σ_{i ∈ top-k} p_i (log p_i − log q_i), averaged over tokens; the exact KL when k = vocab."""
-    logq = student_logits.float().log_softmax(-1).gather(-1, top_idx.long())
+    """KL over k + 1 categories: the teacher's top-k tokens and one tail bucket, averaged over tokens.
+
+    The bucket holds the teacher's remaining mass 1 − Σ_top-k p against the student's remaining
+    mass 1 − Σ_top-k q, so the student cannot gain by pushing the other tokens to zero (a loss over
+    the top-k terms alone would reward it). Merging categories never raises a KL, so this is a
+    lower bound of the full-vocabulary KL, equal to it when k = vocabulary size.
+    """
+    logits = student_logits.float()
+    logz = logits.logsumexp(-1)
+    idx = top_idx.long()
+    logq = logits.gather(-1, idx) - logz.unsqueeze(-1)
     p = top_logp.exp()
-    return (p * (top_logp - logq)).sum(-1).mean()
+    head = (p * (top_logp - logq)).sum(-1)
+    if idx.shape[-1] >= logits.shape[-1]:
+        return head.mean()
+    p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+    logq_tail = logits.scatter(-1, idx, float("-inf")).logsumexp(-1) - logz
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-30).log() - logq_tail), torch.zeros_like(p_tail))
+    return (head + tail).mean()
 
 
 @torch.no_grad()
