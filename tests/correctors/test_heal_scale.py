@@ -132,3 +132,70 @@ def test_topk_kl_tail_bucket_is_the_merged_category_kl():
     grad_in = s_logits.clone().requires_grad_(True)
     topk_kl(grad_in, vals, idx).backward()
     assert torch.isfinite(grad_in.grad).all()
+
+
+def _fsdp_worker(rank, world, port, args):
+    """One FSDP rank: a run stopped after step 3 (state saved), a snapshot of that state, then the resume."""
+    import shutil
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import factorlm.compressor.finetune as ft
+
+    factored, dense, out, text, cfg, snapshot = args
+    shard, calls = ft.shard_model, []
+
+    def recording_shard(model, env):  # record how much of the model this rank holds once sharded
+        shard(model, env)
+        calls.append(1)
+        held = sum(p.to_local().numel() for p in model.parameters())
+        (snapshot.parent / f"held-{rank}-{len(calls)}.json").write_text(
+            json.dumps([held, sum(p.numel() for p in model.parameters())]))
+        return model
+
+    ft.shard_model = recording_shard
+    try:
+        state, _ = finetune_checkpoint(factored, dense, out, text, cfg, progress=False, stop_after=3)
+        if rank == 0:
+            shutil.copytree(state, snapshot)
+        torch.distributed.barrier()
+        finetune_checkpoint(factored, dense, out, text, cfg, progress=False, resume=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_fsdp_processes_equal_one_process_and_checkpoint_full_state(pair, tmp_path):
+    """FSDP2 over 2 gloo ranks: same losses as 1 process at the same global batch, a training state
+    gathered to the full tensors of the 1-process state, and the same output checkpoint after resume."""
+    from safetensors.torch import load_file
+
+    from factorlm.compressor.heal_loop import STATE_TENSORS
+
+    dense, factored, text = pair
+    one = FinetuneConfig(steps=5, lr=3e-3, samples=20, seq_len=16, held_out=2, batch_size=4, save_every=2)
+    finetune_checkpoint(factored, dense, tmp_path / "one", str(text), one, progress=False, stop_after=3)
+    ref_state = load_file(str(state_dir_for(tmp_path / "one") / STATE_TENSORS))
+    _, rep1 = finetune_checkpoint(factored, dense, tmp_path / "one", str(text), one, progress=False, resume=True)
+    two = FinetuneConfig(steps=5, lr=3e-3, samples=20, seq_len=16, held_out=2, batch_size=1, grad_accum=2,
+                         save_every=2, parallel="fsdp")
+    snap = tmp_path / "snapshot"
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), (factored, dense, tmp_path / "two", str(text), two, snap)), nprocs=2)
+    rep2 = json.loads((tmp_path / "two" / "factorlm_finetune.json").read_text())
+    held = [json.loads(f.read_text()) for f in tmp_path.glob("held-*.json")]
+    assert len(held) == 8  # 2 ranks x (student, teacher) x (stopped run, resumed run)
+    assert all(mine <= 0.55 * whole for mine, whole in held)  # each rank holds about half of each model
+    assert (rep2["world_size"], rep2["parallel"], rep2["global_batch"]) == (2, "fsdp", 4)
+    assert rep1["parallel"] == "single"
+    assert rep2["loss"] == pytest.approx(rep1["loss"], rel=1e-4)
+    state = load_file(str(snap / STATE_TENSORS))
+    assert json.loads((snap / "trainer_state.json").read_text())["parallel"] == "fsdp"
+    assert state.keys() == ref_state.keys()
+    for key in ref_state:
+        if key != "rng/torch":  # full (gathered) tensors, not one rank's shard
+            assert state[key].shape == ref_state[key].shape, key
+            assert torch.allclose(state[key], ref_state[key], rtol=1e-4, atol=1e-6), key
+    a, b = load_factored(tmp_path / "one").state_dict(), load_factored(tmp_path / "two").state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not state_dir_for(tmp_path / "two").exists()

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-batches accumulated per optimiser step; global batch = batch-size x grad-accum x "
                         "processes (default 1)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun with several processes: ddp (a full model copy per process, default) or "
+                        "fsdp (parameters sharded per decoder block, for models that do not fit one device)")
     p.add_argument("--top-k", type=positive_int, default=None,
                    help="cache the teacher's top-k log-probabilities once instead of running it every step")
     p.add_argument("--teacher-cache", default=None, help="folder for the teacher top-k cache (reused across runs)")
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(steps=args.steps, lr=args.lr, samples=args.samples, seq_len=args.seq_len,
                          held_out=args.held_out, train=args.train, seed=args.seed, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, top_k=args.top_k, cache_dir=args.teacher_cache,
-                         save_every=args.save_every, device=args.device)
+                         save_every=args.save_every, device=args.device, parallel=args.parallel)
     path, report = finetune_checkpoint(student, teacher, args.output, args.calib, cfg, overwrite=args.overwrite,
                                        progress=not args.no_progress, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -8,9 +8,9 @@ so the parameter count, the ranks and the checkpoint format do not change.
 
 The teacher's log-probabilities are computed on the fly (one extra forward per step, no
 [tokens, vocab] store) or once, as a top-k cache (teacher_cache.py); the loop with batches,
-gradient accumulation, DDP and resumable checkpoints is in heal_loop.py. Training windows come from the first 90% of the text's tokens and
-the held-out windows that measure the gain from the last 10%, so the reported held-out KL is
-on text the steps never saw.
+gradient accumulation, DDP/FSDP and resumable checkpoints is in heal_loop.py. Training windows
+come from the first 90% of the text's tokens and the held-out windows that measure the gain
+from the last 10%, so the reported held-out KL is on text the steps never saw.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..runtime.factored_linear import CorrectedLinear, FactoredLinear
 from ..runtime.format import FactorlmError
 from .correctors import kl_to_teacher
-from .dist_env import DistEnv, barrier, init_distributed
+from .dist_env import PARALLEL_MODES, DistEnv, barrier, full_state_dict, init_distributed, shard_model
 from .heal_loop import train as train_loop
 from .teacher_cache import load_or_build
 from .loss_plots import loss_png
@@ -51,7 +51,9 @@ class FinetuneConfig:
     perplexity than 120 steps cycling over 64 (same time). A step reads ``batch_size`` windows per
     micro-batch, ``grad_accum`` micro-batches per process. ``top_k`` of ``None`` runs the teacher
     on the fly; an integer caches its top-k log-probabilities once (in ``cache_dir`` if given).
-    ``save_every`` > 0 writes a resumable training state every that many steps.
+    ``save_every`` > 0 writes a resumable training state every that many steps. ``parallel``
+    (``ddp`` or ``fsdp``) is how a torchrun job with several processes splits the work
+    (dist_env.py); one process ignores it.
     """
 
     steps: int = 100
@@ -69,6 +71,7 @@ class FinetuneConfig:
     cache_dir: str | None = None
     save_every: int = 0
     device: str = "cpu"
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or (self.samples is not None and self.samples < 1) or self.held_out < 1 or self.seq_len < 2:
@@ -79,6 +82,8 @@ class FinetuneConfig:
             raise FactorlmError(f"finetune learning rate must be positive, got {self.lr}")
         if self.train not in ("all", "correctors"):
             raise FactorlmError(f"finetune train must be 'all' or 'correctors', got {self.train!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise FactorlmError(f"finetune parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
 
     @property
     def warmup_steps(self) -> int:
@@ -124,17 +129,23 @@ def mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> fl
     return total / windows.shape[0]
 
 
+def set_trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
+    """Freeze every parameter of ``model`` but the trained ones (:func:`trainable_factors`); returns those."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = trainable_factors(model, train)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_out: torch.Tensor,
              cfg: FinetuneConfig, progress: bool = True, *, env: DistEnv | None = None,
              state_dir: Path | None = None, resume: bool = False, stop_after: int | None = None,
              teacher_id: str = "teacher") -> dict[str, Any]:
     """Distil ``student`` towards ``teacher`` in place; returns losses, held-out KL and timings."""
     env = env or DistEnv(device=torch.device(cfg.device))
-    for p in student.parameters():
-        p.requires_grad_(False)
-    params = trainable_factors(student, cfg.train)
-    for p in params:
-        p.requires_grad_(True)
+    params = set_trainable(student, cfg.train)
     ids = {id(p) for p in params}
     named = {n: p for n, p in student.named_parameters() if id(p) in ids}
     student.eval()  # no dropout either way; eval keeps HF's inference code paths
@@ -176,6 +187,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_o
     return {
         "config": {**asdict(cfg), "samples": int(train.shape[0])},
         "world_size": env.world_size,
+        "parallel": env.mode,
         "global_batch": global_batch,
         "trained_params": sum(p.numel() for p in params),
         "train_tokens_per_step": global_batch * int(train.shape[1]),
@@ -200,7 +212,9 @@ def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_di
                         resume: bool = False, stop_after: int | None = None) -> tuple[Path, dict]:
     """Load a factored checkpoint and its dense model, distil, save to ``out_dir`` atomically.
 
-    Under torchrun every rank trains its share of each global batch; only rank 0 writes.
+    Under torchrun every rank trains its share of each global batch; only rank 0 writes. With
+    ``cfg.parallel == "fsdp"`` both models are sharded over the ranks (dist_env.shard_model) and the
+    output is written from the gathered full state dict.
     """
     import json
 
@@ -217,9 +231,16 @@ def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_di
     block = read_factored_config(src)
     if block is None:
         raise FactorlmError(f"{src / 'config.json'}: not a factorlm checkpoint (no factorlm quantization_config)")
-    env = init_distributed(cfg.device)
-    student = load_factored(src, fast_layout=False, correctors="keep").to(env.device)
-    teacher = load_model(teacher_dir, fast_layout=False).to(env.device)
+    env = init_distributed(cfg.device, cfg.parallel)
+    student = load_factored(src, fast_layout=False, correctors="keep")
+    teacher = load_model(teacher_dir, fast_layout=False)
+    if env.sharded:  # the shards move to the device; set the trained flags first (FSDP2 reads them)
+        set_trainable(student, cfg.train)
+        teacher.requires_grad_(False)
+        shard_model(student, env)
+        shard_model(teacher, env)
+    else:
+        student, teacher = student.to(env.device), teacher.to(env.device)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise FactorlmError(f"{teacher_dir}: vocabulary size {teacher.config.vocab_size} differs from the "
                             f"checkpoint's {student.config.vocab_size}; the teacher must be the model it was compressed from")
@@ -233,6 +254,13 @@ def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_di
     del teacher
     if stop_after is not None and len(report["loss"]) < cfg.steps:
         return state, report  # stopped early on purpose: the training state is the output
+    if env.sharded:  # every rank takes part in the gather; rank 0 rebuilds a whole model to save
+        full = full_state_dict(student, env)
+        del student
+        if env.is_main:
+            student = load_factored(src, fast_layout=False, correctors="keep")
+            student.load_state_dict(full)  # copies (assign would untie tied embeddings)
+        del full
     if env.is_main:
         extra: dict[str, str | bytes] = {name: (src / name).read_bytes() for name in
                                          ("factorlm_recipe.yaml", "factorlm_report.json", "factorlm_corrector_loss.png")

@@ -1,11 +1,13 @@
-"""The distillation training loop: batches, gradient accumulation, DDP, autocast, checkpoints.
+"""The distillation training loop: batches, gradient accumulation, DDP/FSDP, autocast, checkpoints.
 
 A step consumes a global batch of ``batch_size x grad_accum x world_size`` windows, taken in
 order from the window list (step ``s`` reads windows ``[s*G, (s+1)*G)`` modulo their number), so
 the data position is the step number alone and a resumed run reads exactly what the killed one
 would have. Rank ``r`` takes micro-batch ``a*W + r`` of the step; DDP averages the gradients, so
-the update equals one process on the same global batch. The training state (trained parameters,
-Adam moments, RNG, step, losses) is saved in safetensors + JSON, never pickle.
+the update equals one process on the same global batch; under FSDP the models arrive sharded
+(dist_env.shard_model) and the gradients are reduce-scattered after each micro-batch, the same
+average. The training state (trained parameters, Adam moments, RNG, step, losses) is saved
+in safetensors + JSON, never pickle.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..runtime.format import FactorlmError
 from .correctors import kl_to_teacher, lr_factor
-from .dist_env import DistEnv, barrier, mean_across
+from .dist_env import DistEnv, barrier, full_tensor, mean_across, shard_like
 from .teacher_cache import topk_kl
 
 logger = logging.getLogger(__name__)
@@ -37,17 +39,25 @@ def step_windows(step: int, n: int, global_batch: int) -> list[int]:
     return [(step * global_batch + j) % n for j in range(global_batch)]
 
 
-def save_state(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, step: int,
-               meta: dict[str, Any]) -> None:
-    """Write the training state to ``path`` atomically (a temporary folder renamed into place)."""
+def state_tensors(named: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Trained parameters, Adam moments and RNG as full CPU tensors (gathered from FSDP shards).
+
+    Under FSDP this is a collective: every rank must call it.
+    """
     tensors: dict[str, torch.Tensor] = {}
     for name, p in named.items():
-        tensors[f"param/{name}"] = p.detach().cpu().contiguous()
+        tensors[f"param/{name}"] = full_tensor(p.detach()).cpu().contiguous()
         st = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in st:
-                tensors[f"adam/{key}/{name}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1 if key == "step" else st[key].shape).contiguous()
+                value = full_tensor(torch.as_tensor(st[key]).detach()).cpu()
+                tensors[f"adam/{key}/{name}"] = value.reshape(-1 if key == "step" else value.shape).contiguous()
     tensors["rng/torch"] = torch.get_rng_state()
+    return tensors
+
+
+def save_state(path: Path, tensors: dict[str, torch.Tensor], step: int, meta: dict[str, Any]) -> None:
+    """Write the training state to ``path`` atomically (a temporary folder renamed into place)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -62,7 +72,10 @@ def save_state(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Opti
 
 def load_state(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
                meta: dict[str, Any]) -> dict[str, Any]:
-    """Restore a state written by :func:`save_state`; refuses one from a different run setup."""
+    """Restore a state written by :func:`save_state`; refuses one from a different run setup.
+
+    Every rank reads the full tensors and keeps its shard of them under FSDP.
+    """
     if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
         raise FactorlmError(f"{path}: no training checkpoint to resume ({STATE_JSON} + {STATE_TENSORS})")
     saved = json.loads((path / STATE_JSON).read_text())
@@ -75,11 +88,11 @@ def load_state(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Opti
         for name, p in named.items():
             if f"param/{name}" not in t:
                 raise FactorlmError(f"{path / STATE_TENSORS}: missing parameter {name!r}")
-            p.copy_(t[f"param/{name}"])
+            p.copy_(shard_like(t[f"param/{name}"], p))
             if f"adam/exp_avg/{name}" in t:
                 opt.state[p] = {"step": t[f"adam/step/{name}"].reshape(()).clone(),
-                                "exp_avg": t[f"adam/exp_avg/{name}"].to(p.device).clone(),
-                                "exp_avg_sq": t[f"adam/exp_avg_sq/{name}"].to(p.device).clone()}
+                                "exp_avg": shard_like(t[f"adam/exp_avg/{name}"], p).clone(),
+                                "exp_avg_sq": shard_like(t[f"adam/exp_avg_sq/{name}"], p).clone()}
     torch.set_rng_state(t["rng/torch"])
     return saved
 
@@ -95,12 +108,12 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
     """
     params = list(named.values())
     model: nn.Module = student
-    if env.active:
+    if env.active and not env.sharded:  # FSDP shards the models in place before training
         model = nn.parallel.DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     meta = {"config": {k: getattr(cfg, k) for k in ("steps", "lr", "warmup_steps", "batch_size", "grad_accum",
                                                     "seq_len", "samples", "seed", "top_k", "train", "clip")},
-            "world_size": env.world_size}
+            "world_size": env.world_size, "parallel": env.mode}
     losses: list[float] = []
     start = 0
     if resume and state_dir is not None and state_dir.exists():
@@ -118,7 +131,8 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
         total = 0.0
         for a in range(accum):
             mine = idx[(a * w + env.rank) * b:(a * w + env.rank + 1) * b]
-            sync = contextlib.nullcontext() if (not env.active or a == accum - 1) else model.no_sync()
+            last = not env.active or env.sharded or a == accum - 1  # FSDP reduce-scatters every micro-batch
+            sync = contextlib.nullcontext() if last else model.no_sync()
             with sync:
                 with autocast:
                     logits = model(input_ids=windows[mine].to(env.device)).logits
@@ -134,8 +148,10 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
             on_step(step, losses[-1])
         done = step + 1
         if state_dir is not None and cfg.save_every and (done % cfg.save_every == 0 or done == stop_after):
+            tensors = state_tensors(named, opt)  # every rank: FSDP gathers the shards
             if env.is_main:
-                save_state(state_dir, named, opt, done, {**meta, "losses": losses})
+                save_state(state_dir, tensors, done, {**meta, "losses": losses})
+            del tensors
             barrier(env)
         if stop_after is not None and done >= stop_after:
             break
