@@ -14,6 +14,14 @@ Beside the finished blocks (``blocks/block-00012.safetensors``, written by
 Each file is replaced atomically after a block is done, streams and blocks before the json
 that names them, so whatever moment the run dies at, the json describes a consistent state.
 A resume with a different recipe, source or dtype is refused with the field that differs.
+
+While the output shards are packed (:func:`.shard_writer.write_shards`), each block file is
+deleted as soon as all its tensors are in a shard, so the folder never holds the checkpoint twice (peak disk:
+the output plus about one block). The json then records the packing progress: the shard size
+of the plan, how many tensors (in output order) are durably written (flushed and fsynced) and
+which blocks are packed (their files may be gone). A run killed while packing resumes there:
+the partly written shard is cut back to the recorded tensor and packing continues; the
+calibration streams, no longer needed, are removed when packing starts.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ class ResumeState:
     rows: list[dict[str, Any]] = field(default_factory=list)
     plan: dict[str, int | None] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    packing: dict[str, Any] | None = None  # {"max_shard_bytes", "packed", "packed_blocks"} once packing started
 
     # ---------------------------------------------------------------- creation
 
@@ -60,8 +69,12 @@ class ResumeState:
         return state
 
     @classmethod
-    def open(cls, folder: Path, key: dict[str, Any]) -> ResumeState:
-        """The state a killed run left in ``folder``; refused when its key differs from ``key``."""
+    def open(cls, folder: Path, key: dict[str, Any], max_shard_bytes: int | None = None) -> ResumeState:
+        """The state a killed run left in ``folder``; refused when its key differs from ``key``.
+
+        A run killed while packing must be resumed with the same shard size once block files are
+        gone (``max_shard_bytes``); before that, packing simply starts over with the new size.
+        """
         path = folder / STATE_FILE
         try:
             data = json.loads(path.read_text())
@@ -75,9 +88,17 @@ class ResumeState:
                                     f"({old.get(name)!r} there, {key.get(name)!r} now); run without --resume "
                                     "to start over")
         state = cls(folder, key, [int(i) for i in data["finished"]], list(data["rows"]), data.get("plan"),
-                    dict(data.get("info", {})))
+                    dict(data.get("info", {})), data.get("packing"))
+        packing = state.packing
+        if packing is not None and max_shard_bytes is not None and packing["max_shard_bytes"] != max_shard_bytes:
+            if packing["packed_blocks"]:
+                raise FactorlmError(f"{path}: cannot resume, the interrupted run was packing shards of at most "
+                                    f"{packing['max_shard_bytes']} bytes and has removed packed block files; pass "
+                                    f"--max-shard-size {packing['max_shard_bytes']}")
+            state.packing = None  # nothing removed yet: pack again with the new size
+        packed = set(state.packing["packed_blocks"]) if state.packing else set()
         for index in state.finished:
-            if not state.block_path(index).is_file():
+            if index not in packed and not state.block_path(index).is_file():
                 raise FactorlmError(f"{state.block_path(index)}: finished block file is missing; run without --resume")
         return state
 
@@ -124,6 +145,27 @@ class ResumeState:
         teacher = [data[f"teacher.{i}"] for i in range(n_teacher)] if n_teacher else None
         return student, teacher
 
+    # ---------------------------------------------------------------- packing
+
+    def start_packing(self, max_shard_bytes: int) -> int:
+        """Begin (or continue) packing with shards of ``max_shard_bytes``; returns the tensors already packed."""
+        if self.packing is None:
+            for stale in self.folder.glob("model*.safetensors*"):  # shards of an abandoned packing plan
+                stale.unlink()
+            self.packing = {"max_shard_bytes": max_shard_bytes, "packed": 0, "packed_blocks": []}
+            self._write_json()
+        (self.folder / STREAMS_FILE).unlink(missing_ok=True)  # every block is done: no stream is needed again
+        return int(self.packing["packed"])
+
+    def packed(self, count: int, blocks: list[int]) -> None:
+        """The first ``count`` output tensors are durably written: record it, then remove ``blocks``' files."""
+        assert self.packing is not None, "start_packing first"
+        self.packing["packed"] = count
+        self.packing["packed_blocks"] = sorted(set(self.packing["packed_blocks"]) | set(blocks))
+        self._write_json()
+        for index in blocks:
+            self.block_path(index).unlink(missing_ok=True)
+
     def cleanup(self) -> None:
         """Remove the resume files once the checkpoint itself is written."""
         shutil.rmtree(self.folder / BLOCKS_DIR, ignore_errors=True)
@@ -132,7 +174,7 @@ class ResumeState:
 
     def _write_json(self) -> None:
         data = {"version": STATE_VERSION, "key": self.key, "finished": self.finished, "rows": self.rows,
-                "plan": self.plan, "info": self.info}
+                "plan": self.plan, "info": self.info, "packing": self.packing}
         tmp = self.folder / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.folder / STATE_FILE)

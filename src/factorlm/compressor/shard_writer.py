@@ -7,6 +7,11 @@ model's ``state_dict`` order, into ``model-0000i-of-0000n.safetensors`` files of
 ``max_shard_size`` bytes (one ``model.safetensors`` when it all fits), writing each shard's
 header first and then the tensors one by one, so at most one tensor is in memory; the
 index ``model.safetensors.index.json`` follows, as ``save_pretrained`` writes it.
+
+A tensor with an ``on_written`` callback is flushed and fsynced before the callback gets the
+number of tensors now durably written, so the caller can record progress and remove inputs;
+``write_shards(start=n)`` continues such a run: shards before tensor ``n`` are kept, the one
+holding it is cut back to it (its header checked against the plan) and writing goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors.torch import save_file
@@ -56,6 +62,7 @@ class OutTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     fetch: Callable[[], torch.Tensor]
+    on_written: Callable[[int], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -88,12 +95,36 @@ def _header(tensors: Sequence[OutTensor]) -> bytes:
     return raw + b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
 
 
-def _write_shard(path: Path, tensors: Sequence[OutTensor]) -> None:
-    header = _header(tensors)
-    with open(path, "wb") as fh:
+def _open_shard(path: Path, header: bytes, tensors: Sequence[OutTensor], skip: int) -> BinaryIO:
+    """``path`` opened for writing after its first ``skip`` tensors (a new file when ``skip`` is 0)."""
+    if skip == 0:
+        fh = open(path, "wb")
         fh.write(struct.pack("<Q", len(header)))
         fh.write(header)
-        for t in tensors:
+        return fh
+    offset = 8 + len(header) + sum(t.nbytes for t in tensors[:skip])
+    if not path.is_file() or path.stat().st_size < offset:
+        raise FactorlmError(f"{path}: the partly packed shard is shorter than its recorded progress")
+    fh = open(path, "r+b")
+    if fh.read(8 + len(header)) != struct.pack("<Q", len(header)) + header:
+        fh.close()
+        raise FactorlmError(f"{path}: the partly packed shard's header differs from the packing plan")
+    fh.truncate(offset)
+    fh.seek(offset)
+    return fh
+
+
+def _write_shard(path: Path, tensors: Sequence[OutTensor], first: int, start: int) -> None:
+    """Write shard ``path`` (tensors ``first``.. of the output), skipping those before ``start``."""
+    header = _header(tensors)
+    skip = max(0, start - first)
+    if skip >= len(tensors):  # finished by an earlier run
+        size = 8 + len(header) + sum(t.nbytes for t in tensors)
+        if not path.is_file() or path.stat().st_size != size:
+            raise FactorlmError(f"{path}: a shard recorded as packed is missing or has the wrong size")
+        return
+    with _open_shard(path, header, tensors, skip) as fh:
+        for j, t in enumerate(tensors[skip:], start=first + skip):
             data = t.fetch().detach().to("cpu").contiguous()
             if data.dtype != t.dtype or tuple(data.shape) != t.shape:
                 raise FactorlmError(f"tensor {t.name!r}: got {data.dtype} {tuple(data.shape)}, "
@@ -101,23 +132,33 @@ def _write_shard(path: Path, tensors: Sequence[OutTensor]) -> None:
             if data.numel():
                 fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
             del data
+            if t.on_written is not None:
+                fh.flush()
+                os.fsync(fh.fileno())
+                t.on_written(j + 1)
 
 
-def write_shards(folder: Path, tensors: Sequence[OutTensor], max_shard_size: str | int) -> list[Path]:
-    """Write ``tensors`` into ``folder`` as HF-style shards (+ index) or one ``model.safetensors``."""
+def write_shards(folder: Path, tensors: Sequence[OutTensor], max_shard_size: str | int,
+                 start: int = 0) -> list[Path]:
+    """Write ``tensors`` into ``folder`` as HF-style shards (+ index) or one ``model.safetensors``.
+
+    ``start`` > 0 continues a packing whose first ``start`` tensors are already on disk.
+    """
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise FactorlmError("duplicate tensor names in the output")
     shards = plan_shards(tensors, shard_size_bytes(max_shard_size))
     if len(shards) == 1:
         path = folder / "model.safetensors"
-        _write_shard(path, shards[0])
+        _write_shard(path, shards[0], 0, start)
         return [path]
     paths = []
     weight_map: dict[str, str] = {}
+    first = 0
     for i, shard in enumerate(shards, start=1):
         path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(path, shard)
+        _write_shard(path, shard, first, start)
+        first += len(shard)
         paths.append(path)
         weight_map.update({t.name: path.name for t in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}

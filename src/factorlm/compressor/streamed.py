@@ -6,7 +6,8 @@ is read from the source safetensors in fp32 when it is processed (for the spectr
 spectrum allocators too), factorized by the ordinary block-wise code, written at once to
 its own file in the checkpoint dtype and sent back to meta. At the end the shards are packed
 from those files and the source's other tensors, one tensor at a time
-(:mod:`.shard_writer`). Peak host memory is then about the embeddings (during the capture),
+(:mod:`.shard_writer`), each block file removed once its tensors are in a shard, so the disk
+holds about the output plus one block, not the output twice. Peak host memory is then about the embeddings (during the capture),
 one block, and the calibration activations, whatever the depth of the model.
 
 Everything happens in the save's temporary folder, renamed into place at the end; the
@@ -110,7 +111,7 @@ def compress_streamed(
     tmp = partial_dir(out)
     key = resume_key(recipe, source, save_dtype)
     if resume and has_state(tmp):
-        state = ResumeState.open(tmp, key)
+        state = ResumeState.open(tmp, key, shard_size_bytes(max_shard_size))
         logger.info("resuming %s: %d of %d blocks already done", out, state.start, len(decoder_layers(model)))
     else:
         if resume:
@@ -136,15 +137,16 @@ def _run(model: nn.Module, source: SafetensorsSource, state: ResumeState, out: P
     opts = MethodOptions(damping=recipe.damping, beta=recipe.beta, aces=recipe.aces)
     io = SourceBlocks(model, source)
     captured = None
-    if needs_calibration:
-        if calib is None:
-            raise FactorlmError(f"method {recipe.method!r} with allocation {recipe.allocation!r} needs calibration data")
+    all_done = state.plan is not None and state.start == len(decoder_layers(model))  # killed while packing
+    if needs_calibration and calib is None:
+        raise FactorlmError(f"method {recipe.method!r} with allocation {recipe.allocation!r} needs calibration data")
+    if needs_calibration and not all_done:
         embed = model.get_input_embeddings()
         embed_name = _module_name(model, embed)
         materialize(model, embed_name, source)
         captured = capture_block_inputs(model, split_batches(calib, recipe.batch_size))
         release(embed)
-    else:
+    elif not needs_calibration:
         calib = None
 
     alloc_started = time.perf_counter()
@@ -176,9 +178,10 @@ def _run(model: nn.Module, source: SafetensorsSource, state: ResumeState, out: P
     resumed_from = state.start
     marks = [time.perf_counter()]
     factor_started = time.perf_counter()
-    compress_blocks(model, captured, plan, method, opts, device=device, progress=progress,
-                    sequential=recipe.sequential, io=io, on_block_done=block_done, start=state.start,
-                    streams=state.streams() if state.start else None)
+    if not all_done:
+        compress_blocks(model, captured, plan, method, opts, device=device, progress=progress,
+                        sequential=recipe.sequential, io=io, on_block_done=block_done, start=state.start,
+                        streams=state.streams() if state.start else None)
     factor_time = state.info.get("factorize_time_s", 0.0) + time.perf_counter() - factor_started
     state.info["factorize_time_s"] = factor_time
 
@@ -209,24 +212,43 @@ def _run(model: nn.Module, source: SafetensorsSource, state: ResumeState, out: P
     return out, report
 
 
+class _BlockFiles:
+    """Reads finished blocks' tensors from their files, one file open at a time."""
+
+    def __init__(self, state: ResumeState) -> None:
+        self.state, self.index, self.handle = state, None, None
+
+    def get(self, index: int, name: str) -> torch.Tensor:
+        if self.index != index:
+            self.close()
+            path = self.state.block_path(index)
+            if not path.is_file():
+                raise FactorlmError(f"{path}: finished block file is missing; run without --resume")
+            self.index, self.handle = index, safe_open(str(path), framework="pt")
+        return self.handle.get_tensor(name)
+
+    def close(self) -> None:
+        self.index, self.handle = None, None
+
+
 def _output_tensors(model: nn.Module, source: SafetensorsSource, state: ResumeState,
                     save_dtype: torch.dtype) -> list[OutTensor]:
-    """Every tensor of the checkpoint in ``state_dict`` order: blocks from their files, the rest from the source."""
-    handles: dict[str, Any] = {}
-    where: dict[str, Path] = {}
-    for index in state.finished:
-        path = state.block_path(index)
-        with safe_open(str(path), framework="pt") as fh:
-            where.update({k: path for k in fh.keys()})
+    """Every tensor of the checkpoint in ``state_dict`` order: blocks from their files, the rest from the source.
 
-    def from_block(name: str) -> Callable[[], torch.Tensor]:
-        def fetch() -> torch.Tensor:
-            path = str(where[name])
-            if path not in handles:
-                handles.clear()  # one block file open at a time
-                handles[path] = safe_open(path, framework="pt")
-            return handles[path].get_tensor(name)
-        return fetch
+    The last tensor of each block carries an ``on_written`` callback that records the packing
+    progress and removes the block's file (:meth:`.resume.ResumeState.packed`).
+    """
+    files = _BlockFiles(state)
+    prefix = get_arch(model.config).layers_path + "."
+
+    def block_of(name: str) -> int | None:
+        if not name.startswith(prefix):
+            return None
+        index = int(name[len(prefix):].split(".", 1)[0])
+        return index if index in state.finished else None
+
+    def from_block(index: int, name: str) -> Callable[[], torch.Tensor]:
+        return lambda: files.get(index, name)
 
     def from_source(name: str) -> Callable[[], torch.Tensor]:
         def fetch() -> torch.Tensor:
@@ -238,15 +260,26 @@ def _output_tensors(model: nn.Module, source: SafetensorsSource, state: ResumeSt
     if getattr(model.config, "tie_word_embeddings", False):
         tied = f"{_module_name(model, model.get_output_embeddings())}.weight"
     out: list[OutTensor] = []
+    last: dict[int, int] = {}
     for name, value in model.state_dict(keep_vars=True).items():
-        if name in where:
-            out.append(OutTensor(name, save_dtype if value.is_floating_point() else value.dtype, tuple(value.shape),
-                                 from_block(name)))
+        dtype = save_dtype if value.is_floating_point() else value.dtype
+        index = block_of(name)
+        if index is not None:
+            last[index] = len(out)
+            out.append(OutTensor(name, dtype, tuple(value.shape), from_block(index, name)))
         elif name in source:
-            dtype = save_dtype if value.is_floating_point() else value.dtype
             out.append(OutTensor(name, dtype, tuple(value.shape), from_source(name)))
         elif name != tied:
             raise FactorlmError(f"{source.root}: tensor {name!r} is neither in the source nor a finished block")
+
+    def packed(index: int) -> Callable[[int], None]:
+        def done(count: int) -> None:
+            files.close()
+            state.packed(count, [index])
+        return done
+
+    for index, position in last.items():
+        out[position].on_written = packed(index)
     return out
 
 
@@ -261,7 +294,8 @@ def _finish(model: nn.Module, source: SafetensorsSource, state: ResumeState, out
     ranks = {n: r for n, r in plan.items() if r is not None}
     replace_with_factored(model, ranks, device="meta")  # the skeleton's names and shapes are the checkpoint's
     tmp = state.folder
-    write_shards(tmp, _output_tensors(model, source, state, save_dtype), max_shard_size)
+    start = state.start_packing(shard_size_bytes(max_shard_size))
+    write_shards(tmp, _output_tensors(model, source, state, save_dtype), max_shard_size, start=start)
     dense = [row["module"] for row in rows if row["dense"]]
     name = str(save_dtype).removeprefix("torch.")
     block = FactoredConfig(ranks=ranks, dense=[d for d in dense if d not in ranks], factor_dtype=name,
