@@ -5,7 +5,9 @@ on the weight values; quality does, so none is reported). The bf16 source is wri
 shard (``factorlm.bench.synthetic.write_synthetic_source``, never the whole model in RAM)
 under ~/.cache/factorlm/scale, then ``compress_checkpoint`` runs in a child process that
 reports its own peak RSS (``getrusage``) and its RSS after every block is loaded. The
-expected output is (source dtype bytes x kept parameters).
+expected output is (source dtype bytes x kept parameters). Peak disk is the size of the
+temporary output folder, sampled after every finished block and just before each packed
+block file is deleted (the moments it is largest).
 
 ``--max-blocks N`` stops the run after N blocks (a fixed-size sample when the whole model does
 not fit the time budget): the seconds per block are measured, the total is extrapolated
@@ -63,6 +65,7 @@ def child(args: argparse.Namespace) -> None:
 
     from factorlm.compressor import CompressionRecipe, compress_checkpoint, meta_skeleton
     from factorlm.compressor import streamed  # instrumented below: per-block timings
+    from factorlm.compressor.resume import ResumeState  # instrumented below: disk use
     from factorlm.runtime.arch import compressible_linears, decoder_layers
     from factorlm.runtime.checkpoint import partial_dir, safetensors_files
 
@@ -81,6 +84,21 @@ def child(args: argparse.Namespace) -> None:
         rss_blocks.append(rss_bytes())
 
     streamed.SourceBlocks.load = load  # type: ignore[method-assign]
+    disk = [0]
+    done, packed = ResumeState.block_done, ResumeState.packed
+
+    def sample(folder: Path) -> None:
+        disk[0] = max(disk[0], sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
+
+    def block_done(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202 - instrumented
+        done(self, *a, **k)
+        sample(self.folder)
+
+    def packed_block(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202 - instrumented
+        sample(self.folder)
+        packed(self, *a, **k)
+
+    ResumeState.block_done, ResumeState.packed = block_done, packed_block  # type: ignore[method-assign]
     recipe = CompressionRecipe(method=args.method, keep=args.keep, device=args.device,
                                calib_samples=args.calib_samples, calib_len=args.calib_len)
     started = time.perf_counter()
@@ -112,6 +130,7 @@ def child(args: argparse.Namespace) -> None:
         "extrapolated_total_s": None if path else round(setup + blocks * mean, 0),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_imports_bytes": rss_import, "rss_after_each_block_load_bytes": rss_blocks,
+        "peak_disk_bytes": disk[0],
     }
     shutil.rmtree(partial_dir(out), ignore_errors=True)
     print(json.dumps(row))
@@ -129,10 +148,13 @@ def render(rows: list[dict]) -> str:
         "per row. Peak RSS is the compressing process's own `ru_maxrss` (torch and transformers imports",
         "included, about 0.5 GB). Rows marked *extrapolated* ran `--max-blocks N` blocks of the full-depth",
         "source: seconds per block are measured, the total is setup + blocks x mean block time, and the",
-        "output bytes are the expected ones (2 B x kept parameters, the checkpoint being bf16).",
+        "output bytes are the expected ones (2 B x kept parameters, the checkpoint being bf16). Peak disk is",
+        "the temporary output folder's largest size (block files + shards), sampled after each block and",
+        "before each packed block file is deleted, as a multiple of the output (rows without it predate the",
+        "sampling).",
         "",
-        "| shape | method | loader | blocks run | source | output | output / expected | peak RSS | setup s | s / block | total s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | method | loader | blocks run | source | output | output / expected | peak RSS | peak disk | setup s | s / block | total s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         partial = r.get("output_bytes") is None
@@ -141,9 +163,10 @@ def render(rows: list[dict]) -> str:
         spb = r.get("mean_seconds_per_block", r.get("seconds_per_block"))
         total = f"{r['extrapolated_total_s']:.0f} (extrapolated)" if partial else f"{r.get('total_s', r['wall_s'])}"
         run = f"{r.get('blocks_measured', r['blocks'])} of {r['blocks']}"
+        disk = "-" if not r.get("peak_disk_bytes") or partial else f"{r['peak_disk_bytes'] / r['output_bytes']:.2f} x output"
         lines.append(f"| {NAMES.get(r['shape'], r['shape'])}{r.get('label', '')} | {r['method']} | "
                      f"{r.get('loader', 'streamed')} | {run} | {r['source_bytes'] / gb:.2f} GB | {out} | {ratio} | "
-                     f"{r['peak_rss_bytes'] / gb:.2f} GB | {r.get('setup_s', '-')} | {spb} | {total} |")
+                     f"{r['peak_rss_bytes'] / gb:.2f} GB | {disk} | {r.get('setup_s', '-')} | {spb} | {total} |")
     lines += ["", "Commands and load averages:", ""]
     lines += [f"- `{r['command']}` (load {' / '.join(r['loadavg'])})" for r in rows if r.get("command")]
     return "\n".join(lines) + "\n"
