@@ -34,9 +34,10 @@ NAMES = {"smollm2-135m": "SmolLM2-135M", "llama-3.2-1b": "Llama-3.2-1B", "llama-
          "llama-3.1-8b": "Llama-3.1-8B"}
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """``field`` of /proc/self/status in bytes: VmRSS (all), RssAnon (heap) or RssFile (mapped files)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -74,6 +75,7 @@ def child(args: argparse.Namespace) -> None:
     rss_import = rss_bytes()
     marks: dict[str, float] = {}
     rss_blocks: list[int] = []
+    anon_blocks: list[int] = []
     original = streamed.SourceBlocks.load
 
     def load(self, index, block):  # noqa: ANN001, ANN202 - instrumented BlockIO.load
@@ -82,6 +84,7 @@ def child(args: argparse.Namespace) -> None:
         marks.setdefault("first_block", time.perf_counter())
         original(self, index, block)
         rss_blocks.append(rss_bytes())
+        anon_blocks.append(rss_bytes("RssAnon"))
 
     streamed.SourceBlocks.load = load  # type: ignore[method-assign]
     disk = [0]
@@ -130,6 +133,7 @@ def child(args: argparse.Namespace) -> None:
         "extrapolated_total_s": None if path else round(setup + blocks * mean, 0),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_imports_bytes": rss_import, "rss_after_each_block_load_bytes": rss_blocks,
+        "rss_anon_after_each_block_load_bytes": anon_blocks,
         "peak_disk_bytes": disk[0],
     }
     shutil.rmtree(partial_dir(out), ignore_errors=True)
