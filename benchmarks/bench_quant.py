@@ -218,34 +218,55 @@ def write_report(result: dict[str, Any], name: str) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def time_kernels() -> dict[str, Any]:
-    """us per call of each quantized-layer kernel vs fp32, on the sample model's shapes, 1 thread."""
+KERNEL_SHAPES = ((1536, 576, 384), (576, 1536, 384), (576, 576, 256), (192, 576, 128))  # (out, in, rank)
+
+
+def time_kernels(repeats: int = 5, calls: int = 100) -> dict[str, Any]:
+    """us per call (median of ``repeats``) of one factored layer through each registered kernel, 1 thread.
+
+    References: the fp32 FactoredLinear ("fp32") and the same factors in bf16 with bf16
+    activations ("fp-bf16"); int8 per channel and int4 group 32 codes, batch 1 and 8.
+    """
+    import statistics
+
     import torch
 
     from factorlm.runtime.factored_linear import FactoredLinear
-    from factorlm.runtime.quant_linear import QUANT_KERNELS, QuantizedFactoredLinear
+    from factorlm.runtime.quant_kernels import KERNELS
+    from factorlm.runtime.quant_linear import QuantizedFactoredLinear
 
     torch.set_num_threads(1)
-    out = {}
-    for o, i, r in [(1536, 576, 408), (576, 1536, 200), (576, 576, 200)]:
+    torch.manual_seed(0)
+    out: dict[str, Any] = {"load_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    for o, i, r in KERNEL_SHAPES:
         fp = FactoredLinear.from_linear(torch.nn.Linear(i, o, bias=False), r)
-        q = QuantizedFactoredLinear.from_factored(fp, 8)
+        bf = FactoredLinear.from_linear(torch.nn.Linear(i, o, bias=False), r).to(torch.bfloat16)
+        quant = {8: QuantizedFactoredLinear.from_factored(fp, 8), 4: QuantizedFactoredLinear.from_factored(fp, 4, 32)}
         for b in (1, 8):
             x = torch.randn(b, i)
+            cases: dict[str, Any] = {"fp32": (fp, x), "fp-bf16": (bf, x.to(torch.bfloat16))}
+            for bits, q in quant.items():
+                for name, kernel in KERNELS.items():
+                    if not (kernel.unsupported(q.part_info("weight_u")) or kernel.unsupported(q.part_info("weight_v"))):
+                        cases[f"int{bits}/{name}"] = (bits, name)
             row = {}
-            for kernel in ("fp32", *QUANT_KERNELS):
-                layer = fp
-                if kernel != "fp32":
-                    q.prepare(kernel)
-                    layer = q
-                with torch.inference_mode():
-                    for _ in range(5):
-                        layer(x)
-                    t0 = time.perf_counter()
-                    for _ in range(50):
-                        layer(x)
-                row[kernel] = (time.perf_counter() - t0) / 50 * 1e6
-            out[f"{o}x{i} r{r} b{b}"] = row
+            for _ in range(repeats):  # interleaved: every case once per repeat
+                for case, spec in cases.items():
+                    if isinstance(spec[0], int):
+                        layer, inp = quant[spec[0]], x
+                        layer.prepare(spec[1])
+                    else:
+                        layer, inp = spec
+                    with torch.inference_mode():
+                        for _ in range(5):
+                            layer(inp)
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            layer(inp)
+                    row.setdefault(case, []).append((time.perf_counter() - t0) / calls * 1e6)
+            out[f"{o}x{i} r{r} b{b}"] = {k: round(statistics.median(v), 2) for k, v in row.items()}
+            log.info("%dx%d r%d b%d: %s", o, i, r, b, out[f"{o}x{i} r{r} b{b}"])
+    out["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return out
 
 
@@ -262,7 +283,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.kernels:
-        print(json.dumps(time_kernels(), indent=2))
+        timing = time_kernels()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "quant_kernels.json").write_text(json.dumps(timing, indent=2) + "\n")
+        print(json.dumps(timing, indent=2))
         return 0
     from factorlm.sample_model import cache_root, sample_model_path
 
