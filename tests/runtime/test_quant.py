@@ -27,7 +27,7 @@ def weighted_error(w: torch.Tensor, back: torch.Tensor, bits: int, group: int | 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 8), (4, 16), (4, 64)])
 def test_round_trip_error_bounds(bits, group):
     w = planted()
-    q, s = quantize_rtn(w, bits, group)
+    q, s = quantize_rtn(w, bits, group, clip=True)
     assert q.dtype == qweight_dtype(bits) and q.shape == qweight_shape(bits, *w.shape)
     assert s.shape == scales_shape(bits, group, *w.shape)
     codes = stored_to_codes(q, bits)
@@ -36,7 +36,7 @@ def test_round_trip_error_bounds(bits, group):
     full = expand_scales(s, bits, group, w.shape[1]).abs()
     inside = (w / full).abs() <= QMAX[bits]  # not clipped: within half a step
     assert torch.all((back - w).abs()[inside] <= full[inside] / 2 + 1e-6)
-    # the search keeps the best candidate, so it never loses to plain absmax scales (clip=False)
+    # the clipping search keeps the best candidate, so it never loses to plain absmax scales
     plain = dequantize(*quantize_rtn(w, bits, group, clip=False), bits, group)
     assert torch.all(weighted_error(w, back, bits, group) <= weighted_error(w, plain, bits, group) * (1 + 1e-6))
     rel = float((back - w).norm() / w.norm())

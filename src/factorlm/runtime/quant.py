@@ -11,11 +11,12 @@ exactly ``code * scale``:
   ``uint8`` [out, in / 2], the even column in the low nibble. That is ONNX Runtime's
   MatMulNBits layout (zero point 8), so the exporter hands the stored bytes over unchanged.
 
-Scales are signed and searched (:func:`search_scales`): the candidates map the element of
-largest magnitude in a row/group onto the most negative code (so int4's 16th level, -8,
-is used) or the most positive one, each shrunk by a clipping grid, and the candidate with
-the lowest (importance-weighted) squared error is kept. Outliers then cost a little
-clipping instead of coarse steps for every other weight of the group.
+Scales are signed (:func:`search_scales`): the candidates map the element of largest
+magnitude in a row/group onto the most negative code (so int4's 16th level, -8, is used)
+or onto the most positive one, and the one with the lower (importance-weighted) squared
+error is kept. An optional clipping grid also tries shrunk scales; it lowers the weight
+error but raised perplexity on the sample model (the clipped outliers matter), so it is
+off by default (``benchmarks/results/quant.md``).
 
 Rounding is round-to-nearest (RTN) unless an input Gram ``H = X^T X`` of the layer is
 given: then GPTQ-style error feedback (Frantar et al., 2022) quantizes one column at a
@@ -53,12 +54,15 @@ class QuantOptions:
 
     ``clip``: search a clipping ratio per row/group (else absmax scales); ``act_order``: GPTQ
     in decreasing ``diag(H)`` order with scales fixed beforehand; ``balance``: equalize U's
-    rank channels before quantizing a factored layer (:func:`balance_factors`).
+    rank channels before quantizing a factored layer (:func:`balance_factors`); ``refit_u``
+    (GPTQ only): before U is quantized, refit it by least squares to the quantized V
+    (:func:`refit_u`), so U's codes also absorb V's rounding error.
     """
 
-    clip: bool = True
+    clip: bool = False
     act_order: bool = True
-    balance: bool = True
+    balance: bool = False
+    refit_u: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +110,7 @@ def _grouped(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.T
 
 
 def search_scales(weight: torch.Tensor, bits: int, group_size: int | None,
-                  importance: torch.Tensor | None = None, clip: bool = True) -> torch.Tensor:
+                  importance: torch.Tensor | None = None, clip: bool = False) -> torch.Tensor:
     """Signed scales [out] (int8) or [out, in / G] (int4) minimising the rounding error of each row/group.
 
     Candidates: ``m * c / QMIN`` and ``m * c / QMAX`` for the group's largest-magnitude
@@ -134,7 +138,7 @@ def search_scales(weight: torch.Tensor, bits: int, group_size: int | None,
 
 
 def compute_scales(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """Scales (fp32) of ``weight`` [out, in] by the plain-MSE search: [out] or [out, in / G]."""
+    """Scales (fp32) of ``weight`` [out, in], no clipping: [out] or [out, in / G]."""
     return search_scales(weight, bits, group_size)
 
 
@@ -197,13 +201,28 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_siz
     return (codes.to(torch.float32) * full).to(dtype)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None, clip: bool = True
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None, clip: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest with searched scales: (stored qweight, fp32 scales) of ``weight`` [out, in]."""
     check_quant_params(bits, group_size, weight.shape[1], "quantize")
     scales = search_scales(weight, bits, group_size, clip=clip)
     codes = round_codes(weight, expand_scales(scales, bits, group_size, weight.shape[1]), bits)
     return codes_to_stored(codes, bits), scales
+
+
+def refit_u(u: torch.Tensor, v: torch.Tensor, vq: torch.Tensor, gram: torch.Tensor, damp: float = 1e-4
+            ) -> torch.Tensor:
+    """``argmin_U' ||X V^T U^T - X Vq^T U'^T||`` = ``U (V H Vq^T)(Vq H Vq^T)^-1`` for ``H = X^T X`` (fp64).
+
+    The U that best reproduces the layer's output once V is replaced by its quantized
+    ``vq``; ``damp`` (relative to the mean diagonal) keeps the solve well posed.
+    """
+    h = gram.to(torch.float64)
+    v64, vq64 = v.to(torch.float64), vq.to(torch.float64)
+    lhs = vq64 @ h @ vq64.T
+    lhs = lhs + damp * torch.diagonal(lhs).mean().clamp(min=1e-300) * torch.eye(lhs.shape[0], dtype=lhs.dtype)
+    cross = v64 @ h @ vq64.T
+    return torch.linalg.solve(lhs, (u.to(torch.float64) @ cross).T).T.to(u.dtype)
 
 
 def _inverse_gram_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
@@ -222,7 +241,7 @@ def _inverse_gram_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None = None,
-                  damp: float = 0.01, block: int = 128, act_order: bool = True, clip: bool = True
+                  damp: float = 0.01, block: int = 128, act_order: bool = True, clip: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ error feedback: (stored qweight, fp32 scales) minimising ||X (W - Q)^T|| for ``gram = X^T X``.
 

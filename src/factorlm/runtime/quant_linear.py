@@ -131,7 +131,7 @@ class QuantizedFactoredLinear(_QuantizedBase):
 
         With ``options.balance`` (default) U and V are first rebalanced (same product).
         """
-        from .quant import balance_factors
+        from .quant import balance_factors, refit_u
 
         opts = options or QuantOptions()
         u, v = layer.weight_u.detach().float(), layer.weight_v.detach().float()
@@ -144,6 +144,8 @@ class QuantizedFactoredLinear(_QuantizedBase):
         if gram is not None:
             vq = new.dequantized("weight_v", torch.float64)
             gram_u = vq @ gram.to(torch.float64) @ vq.T
+            if opts.refit_u:
+                u = refit_u(u, v, vq, gram)
         _set_quantized(new, "weight_u", u, gram_u, opts)
         if layer.bias is not None:
             new.bias = nn.Parameter(layer.bias.detach().clone())
