@@ -41,16 +41,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="where variants and exports go (default: factorlm cache)")
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--ppl-window", type=int, default=1024)
+    p.add_argument("--ppl-fastest", action="store_true",
+                   help="also score quantized variants with their layers on the 'fastest' kernel (bf16 activations)")
     p.add_argument("--calib-samples", type=int, default=16, help="GPTQ calibration windows (built-in sample text)")
     p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--int4-group", type=int, default=8)
+    p.add_argument("--int4-group", type=int, default=32)
     p.add_argument("--variants", default="dense-fp32,dense-int8,fact-fp32,fact-int8-rtn,fact-int8-gptq,"
                                           "fact-int4-rtn,fact-int4-gptq")
     p.add_argument("--point", action="append", default=[], metavar="NAME=DIR[:BITS[:GROUP[:ROUNDING]]]",
                    help="an extra variant: checkpoint DIR as is, or quantized here (with --dense); e.g. "
                         "k0.9-int8=CKPT:8 for the equal-bytes comparison")
-    p.add_argument("--engines", default="torch,onnx,onnx-a4",
-                   help="torch, onnx (MatMulNBits accuracy_level 0: fp32 compute), onnx-a4 (level 4: int8 activations)")
+    p.add_argument("--engines", default="torch,torch-fastest,onnx,onnx-a4",
+                   help="torch (default exact kernel), torch-fastest (quantized layers on the 'fastest' kernel: "
+                        "bf16 activations), onnx (MatMulNBits accuracy_level 0: fp32 compute), onnx-a4 (level 4: "
+                        "int8 activations)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -114,12 +118,18 @@ def quality(path: Path, tokenizer_dir: Path, args: argparse.Namespace) -> dict[s
     from factorlm.eval.perplexity import perplexity, read_text
     from factorlm.runtime.checkpoint import load_model, load_tokenizer
 
+    from factorlm.runtime.quant_linear import prepare_quantized
+
     torch.set_num_threads(1)
     model = load_model(path)
+    tokenizer, text = load_tokenizer(tokenizer_dir), read_text(args.text)
     t0 = time.perf_counter()
-    r = perplexity(model, load_tokenizer(tokenizer_dir), read_text(args.text), window=args.ppl_window,
-                   max_tokens=args.ppl_tokens, progress=False)
-    return {"ppl": r.ppl, "ppl_tokens_scored": r.tokens_scored, "ppl_s": time.perf_counter() - t0}
+    r = perplexity(model, tokenizer, text, window=args.ppl_window, max_tokens=args.ppl_tokens, progress=False)
+    out = {"ppl": r.ppl, "ppl_tokens_scored": r.tokens_scored, "ppl_s": time.perf_counter() - t0}
+    if args.ppl_fastest and prepare_quantized(model, "fastest"):
+        out["ppl_fastest"] = perplexity(model, tokenizer, text, window=args.ppl_window, max_tokens=args.ppl_tokens,
+                                        progress=False).ppl
+    return out
 
 
 def onnx_dir(name: str, path: Path, work: Path, engine: str = "onnx") -> Path:
@@ -153,14 +163,20 @@ def speed(engine: str, paths: dict[str, Path], work: Path, args: argparse.Namesp
     from factorlm.bench.runner import BenchConfig
     from factorlm.runtime.format import FactorlmError
 
-    cfg = BenchConfig(engines=[engine], batches=[int(b) for b in args.batches.split(",")],
+    cfg = BenchConfig(engines=["torch" if engine.startswith("torch") else "onnx"], batches=[int(b) for b in args.batches.split(",")],
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
     runners: dict[str, Any] = {}
     out: dict[str, dict[str, float]] = {}
     for name, path in paths.items():
         try:
-            runners[name] = (TorchRunner(path, cfg) if engine == "torch"
-                             else OnnxRunner(onnx_dir(name, path, work, engine), cfg))
+            if engine.startswith("torch"):
+                from factorlm.runtime.quant_linear import prepare_quantized
+
+                runners[name] = TorchRunner(path, cfg)
+                if engine == "torch-fastest":
+                    prepare_quantized(runners[name].model, "fastest")
+            else:
+                runners[name] = OnnxRunner(onnx_dir(name, path, work, engine), cfg)
         except FactorlmError as exc:  # e.g. an int4 group size ONNX Runtime's kernel cannot take
             log.warning("%s on %s: %s", name, engine, exc)
             out[name] = {"error": str(exc)}
@@ -189,6 +205,8 @@ def write_report(result: dict[str, Any], name: str) -> None:
     engines = result["config"]["engines"].split(",")
     batches = result["config"]["batches"].split(",")
     cols = [f"{e} b{b}" for e in engines for b in batches]
+    with_fastest = any("ppl_fastest" in r for r in rows.values())
+    fastest_head = "ppl, fastest kernel | " if with_fastest else ""
     lines = [f"# Quantized factors on the sample model ({result['config']['factored_name']} ranks)", "",
              f"Command: `{result['command']}`", "",
              f"Load average at start / end: {result['load_start']} / {result.get('load_end', 'n/a')}; "
@@ -197,8 +215,8 @@ def write_report(result: dict[str, Any], name: str) -> None:
              f"tokens / decode time, best of {result['config']['repeats']} interleaved repeats. int4 group size "
              f"{result['config']['int4_group']}. GPTQ Grams from {result['config']['calib_samples']} x "
              f"{result['config']['calib_len']} tokens of the built-in sample text.", "",
-             "| variant | bytes (MB) | WikiText-2 ppl | ppl vs fact-fp32 | " + " | ".join(cols) + " |",
-             "|---|---|---|---|" + "---|" * len(cols)]
+             "| variant | bytes (MB) | WikiText-2 ppl | ppl vs fact-fp32 | " + fastest_head + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * (len(cols) + bool(fastest_head))]
     for v, r in rows.items():
         ppl = r.get("ppl")
         rel = f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else ""
@@ -207,7 +225,11 @@ def write_report(result: dict[str, Any], name: str) -> None:
             for b in batches:
                 s = r.get("speed", {}).get(e, {})
                 cells.append(f"{s[f'b{b}']:.1f}" if f"b{b}" in s else ("n/a" if "error" in s else ""))
-        lines.append(f"| {v} | {r.get('bytes', 0) / 1e6:.1f} | {f'{ppl:.3f}' if ppl else ''} | {rel} | "
+        fastest = ""
+        if with_fastest:
+            pf = r.get("ppl_fastest")
+            fastest = f"{pf:.3f} ({(pf / ref - 1) * 100:+.2f}%) | " if pf and ref else " | "
+        lines.append(f"| {v} | {r.get('bytes', 0) / 1e6:.1f} | {f'{ppl:.3f}' if ppl else ''} | {rel} | {fastest}"
                      + " | ".join(cells) + " |")
     errors = [f"- {v} on {e}: {s['error']}" for v, r in rows.items() for e, s in r.get("speed", {}).items()
               if "error" in s]
@@ -218,34 +240,55 @@ def write_report(result: dict[str, Any], name: str) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def time_kernels() -> dict[str, Any]:
-    """us per call of each quantized-layer kernel vs fp32, on the sample model's shapes, 1 thread."""
+KERNEL_SHAPES = ((1536, 576, 384), (576, 1536, 384), (576, 576, 256), (192, 576, 128))  # (out, in, rank)
+
+
+def time_kernels(repeats: int = 5, calls: int = 100) -> dict[str, Any]:
+    """us per call (median of ``repeats``) of one factored layer through each registered kernel, 1 thread.
+
+    References: the fp32 FactoredLinear ("fp32") and the same factors in bf16 with bf16
+    activations ("fp-bf16"); int8 per channel and int4 group 32 codes, batch 1 and 8.
+    """
+    import statistics
+
     import torch
 
     from factorlm.runtime.factored_linear import FactoredLinear
-    from factorlm.runtime.quant_linear import QUANT_KERNELS, QuantizedFactoredLinear
+    from factorlm.runtime.quant_kernels import KERNELS
+    from factorlm.runtime.quant_linear import QuantizedFactoredLinear
 
     torch.set_num_threads(1)
-    out = {}
-    for o, i, r in [(1536, 576, 408), (576, 1536, 200), (576, 576, 200)]:
+    torch.manual_seed(0)
+    out: dict[str, Any] = {"load_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    for o, i, r in KERNEL_SHAPES:
         fp = FactoredLinear.from_linear(torch.nn.Linear(i, o, bias=False), r)
-        q = QuantizedFactoredLinear.from_factored(fp, 8)
+        bf = FactoredLinear.from_linear(torch.nn.Linear(i, o, bias=False), r).to(torch.bfloat16)
+        quant = {8: QuantizedFactoredLinear.from_factored(fp, 8), 4: QuantizedFactoredLinear.from_factored(fp, 4, 32)}
         for b in (1, 8):
             x = torch.randn(b, i)
+            cases: dict[str, Any] = {"fp32": (fp, x), "fp-bf16": (bf, x.to(torch.bfloat16))}
+            for bits, q in quant.items():
+                for name, kernel in KERNELS.items():
+                    if not (kernel.unsupported(q.part_info("weight_u")) or kernel.unsupported(q.part_info("weight_v"))):
+                        cases[f"int{bits}/{name}"] = (bits, name)
             row = {}
-            for kernel in ("fp32", *QUANT_KERNELS):
-                layer = fp
-                if kernel != "fp32":
-                    q.prepare(kernel)
-                    layer = q
-                with torch.inference_mode():
-                    for _ in range(5):
-                        layer(x)
-                    t0 = time.perf_counter()
-                    for _ in range(50):
-                        layer(x)
-                row[kernel] = (time.perf_counter() - t0) / 50 * 1e6
-            out[f"{o}x{i} r{r} b{b}"] = row
+            for _ in range(repeats):  # interleaved: every case once per repeat
+                for case, spec in cases.items():
+                    if isinstance(spec[0], int):
+                        layer, inp = quant[spec[0]], x
+                        layer.prepare(spec[1])
+                    else:
+                        layer, inp = spec
+                    with torch.inference_mode():
+                        for _ in range(5):
+                            layer(inp)
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            layer(inp)
+                    row.setdefault(case, []).append((time.perf_counter() - t0) / calls * 1e6)
+            out[f"{o}x{i} r{r} b{b}"] = {k: round(statistics.median(v), 2) for k, v in row.items()}
+            log.info("%dx%d r%d b%d: %s", o, i, r, b, out[f"{o}x{i} r{r} b{b}"])
+    out["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return out
 
 
@@ -262,7 +305,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.kernels:
-        print(json.dumps(time_kernels(), indent=2))
+        timing = time_kernels()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "quant_kernels.json").write_text(json.dumps(timing, indent=2) + "\n")
+        print(json.dumps(timing, indent=2))
         return 0
     from factorlm.sample_model import cache_root, sample_model_path
 

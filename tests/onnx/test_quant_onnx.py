@@ -59,3 +59,32 @@ def test_quantized_export_bad_options(factored, tmp_path):
     with pytest.raises(FactorlmError, match="already quantized"):
         export_onnx(ckpt, tmp_path / "onnx", int8=True)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_cli_accuracy_level_lands_in_every_matmulnbits_node(factored, tmp_path, capsys):
+    import json
+
+    from factorlm.cli import main
+
+    ckpt = tmp_path / "q4"
+    quantize_checkpoint(factored, ckpt, bits=4, group_size=16)
+    out = tmp_path / "onnx-a4"
+    assert main(["export", "onnx", str(ckpt), "-o", str(out), "--accuracy-level", "4", "--threads", "1"]) == 0
+    nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 28
+    assert {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nodes} == {4}
+    assert json.loads((out / "factorlm_onnx.json").read_text())["quantization"]["accuracy_level"] == 4
+    # levels MatMulNBits does not have, or a graph without MatMulNBits: refused before any work
+    with pytest.raises(SystemExit):
+        main(["export", "onnx", str(ckpt), "-o", str(tmp_path / "bad"), "--accuracy-level", "5"])
+    assert main(["export", "onnx", str(factored), "-o", str(tmp_path / "bad"), "--accuracy-level", "4"]) == 2
+    assert "--accuracy-level applies to MatMulNBits" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_gptq_int4_balanced_checkpoint_exports_exactly(factored, tmp_path):
+    """Act-order GPTQ, clipped signed scales and balanced factors still export bit-faithfully."""
+    ckpt = tmp_path / "q4g"
+    quantize_checkpoint(factored, ckpt, bits=4, group_size=16, rounding="gptq", calib_samples=2, calib_len=16)
+    meta = export_onnx(ckpt, tmp_path / "onnx", threads=1)
+    assert meta["validation"]["rel_diff"] <= 1e-3 and meta["validation"]["argmax_mismatches"] == 0

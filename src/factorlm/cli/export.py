@@ -19,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="graph dtype; fp16 is meant for GPU execution providers")
     o.add_argument("--int8", action="store_true",
                    help="int8 weights (blockwise, MatMulNBits) for every MatMul, factors included")
+    o.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                   help="MatMulNBits accuracy_level of quantized MatMuls: 0/1 fp32 compute (default for a "
+                        "quantized checkpoint, validated exact), 2 fp16, 3 bf16, 4 int8 activations (faster; "
+                        "default with --int8)")
     o.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch logit check")
     o.add_argument("--external-data", action="store_true", default=None,
                    help="store weights in model.onnx.data (automatic above 1 GiB of weights)")
@@ -38,12 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     # check the cheap things before materialising the sample model
-    check_options(Path(args.output), args.opset, args.dtype, args.overwrite)
+    check_options(Path(args.output), args.opset, args.dtype, args.overwrite, args.accuracy_level)
     check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.model)])
     path = resolve_model_path(args.model)
     meta = export_onnx(path, args.output, opset=args.opset, dtype=args.dtype, int8=args.int8,
                        validate=not args.no_validate, overwrite=args.overwrite,
-                       external_data=args.external_data, threads=args.threads)
+                       external_data=args.external_data, threads=args.threads,
+                       accuracy_level=args.accuracy_level)
     v = meta.get("validation")
     check = (f"validated: max |dlogit| {v['max_abs_diff']:.3g} at {v['where']}, "
              f"{v['argmax_mismatches']} argmax mismatches / {v['compared_positions']} positions" if v else "not validated")

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..runtime.factored_linear import FactoredLinear
 from ..runtime.format import ROUNDINGS, FactoredConfig, FactorlmError, read_config_json, read_factored_config
-from ..runtime.quant import check_quant_params
+from ..runtime.quant import QuantOptions, check_quant_params
 
 logger = logging.getLogger(__name__)
 SIDE_FILES = ("factorlm_recipe.yaml", "factorlm_report.json")
@@ -131,7 +131,7 @@ def collect_grams(model: nn.Module, names: list[str], windows: torch.Tensor, bat
 
 
 def quantize_model(model: nn.Module, targets: list[str], bits: int, group_size: int | None,
-                   grams: dict[str, torch.Tensor] | None = None) -> None:
+                   grams: dict[str, torch.Tensor] | None = None, options: QuantOptions | None = None) -> None:
     """Swap each named layer for its quantized version in place (GPTQ where a Gram is given)."""
     from ..runtime.quant_linear import QuantizedFactoredLinear, QuantizedLinear, _set_child
 
@@ -139,9 +139,9 @@ def quantize_model(model: nn.Module, targets: list[str], bits: int, group_size: 
         layer = model.get_submodule(fqn)
         gram = grams.get(fqn) if grams else None
         if isinstance(layer, FactoredLinear):
-            new: nn.Module = QuantizedFactoredLinear.from_factored(layer, bits, group_size, gram)
+            new: nn.Module = QuantizedFactoredLinear.from_factored(layer, bits, group_size, gram, options)
         elif isinstance(layer, nn.Linear):
-            new = QuantizedLinear.from_linear(layer, bits, group_size, gram)
+            new = QuantizedLinear.from_linear(layer, bits, group_size, gram, options)
         else:
             raise FactorlmError(f"module {fqn!r} is a {type(layer).__name__}; only linear layers can be quantized")
         _set_child(model, fqn, new)
@@ -152,8 +152,15 @@ def quantize_model(model: nn.Module, targets: list[str], bits: int, group_size: 
 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits: int, group_size: int | None = None,
                         rounding: str = "rtn", dense: bool = False, calib: str = "sample", calib_samples: int = 32,
-                        calib_len: int = 512, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
-    """Quantize checkpoint ``src`` into ``out`` (may equal ``src`` with ``overwrite``); returns a summary."""
+                        calib_len: int = 512, seed: int = 0, overwrite: bool = False,
+                        options: QuantOptions | None = None) -> dict[str, Any]:
+    """Quantize checkpoint ``src`` into ``out`` (may equal ``src`` with ``overwrite``); returns a summary.
+
+    ``options`` (:class:`~factorlm.runtime.quant.QuantOptions`, default all on) choose the
+    codes: clipping search, GPTQ act-order, U/V balancing; they are recorded in
+    ``factorlm_quantization.json``, the stored format does not depend on them.
+    """
+    options = options or QuantOptions()
     from ..runtime.checkpoint import load_model, load_tokenizer, save_factored
 
     src, out = Path(src), Path(out)
@@ -176,12 +183,13 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
         logger.info("collecting input Grams of %d layers from %d x %d calibration tokens", len(targets),
                     *windows.shape)
         grams = collect_grams(model, list(targets), windows)
-    quantize_model(model, list(targets), bits, group_size, grams)
+    quantize_model(model, list(targets), bits, group_size, grams, options)
     base = block or FactoredConfig(ranks={})
     config = FactoredConfig(ranks={}, dense=list(base.dense), producer=dict(base.producer), rounding=rounding,
                             bits=bits, group_size=group_size)
     extra: dict[str, str | bytes] = {name: (src / name).read_text() for name in SIDE_FILES if (src / name).is_file()}
     info = {"bits": bits, "group_size": group_size, "rounding": rounding, "modules": len(targets),
+            "options": options.to_dict(),
             "calibration": {"source": calib, "samples": calib_samples, "length": calib_len} if grams is not None else None}
     extra["factorlm_quantization.json"] = json.dumps(info, indent=2) + "\n"
     path = save_factored(model, out, tokenizer=tokenizer, config=config, extra_files=extra, overwrite=overwrite)

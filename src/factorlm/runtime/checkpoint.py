@@ -363,18 +363,19 @@ def is_factored_dir(model_dir: str | os.PathLike) -> bool:
 
 def load_model(
     model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-    fast_layout: bool = True,
+    fast_layout: bool = True, quant_kernel: str = "cached",
 ) -> nn.Module:
     """Load a dense HF folder or a factored checkpoint alike (local folders only).
 
     Both get the same weight layout treatment, so dense/factored comparisons are fair.
+    ``quant_kernel`` is the matmul path of a quantized checkpoint's layers (see :func:`load_factored`).
     """
     root = Path(model_dir)
     if not root.is_dir():
         raise FactorlmError(f"{root}: model folder not found")
     read_config_json(root)
     if is_factored_dir(root):
-        return load_factored(root, dtype=dtype, device=device, fast_layout=fast_layout)
+        return load_factored(root, dtype=dtype, device=device, fast_layout=fast_layout, quant_kernel=quant_kernel)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .arch import get_arch

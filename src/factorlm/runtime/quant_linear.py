@@ -6,13 +6,11 @@ dense weight (the "dense int8" baseline in the same format). The codes and scale
 persistent buffers, so ``state_dict``/``save_pretrained`` write exactly what the checkpoint
 holds, and loading assigns them without conversion.
 
-How a quantized layer multiplies on CPU (measured with benchmarks/bench_quant.py
-``--kernels``, 1 thread): ``torch._weight_int8pack_mm`` was 5-50x slower than an fp32
-matmul on the sample model's shapes and dequantize-per-call 2-7x slower, so the default
-kernel "cached" dequantizes the stored codes once at load (the values are exactly
-codes * scales) and runs fp32 matmuls; the bytes saved are on disk and in transfer, not in
-the matmul. "dequant" (dequantize every call, no extra memory) and "int8pack" remain
-selectable.
+How a quantized layer multiplies is a kernel of :mod:`.quant_kernels`, chosen per layer by
+:meth:`_QuantizedBase.prepare`: "cached" (default, exact: the stored codes dequantized once
+at load, fp32 matmuls, so the bytes saved are on disk and in transfer), "dequant" (every
+call, no second copy), "int8pack", and the faster inexact bf16-activation kernels
+"int8-bf16" / "int4-bf16" ("fastest" picks the first a layer supports).
 """
 
 from __future__ import annotations
@@ -24,10 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .factored_linear import FactoredLinear
-from .format import FactorlmError, FormatError
+from .format import FormatError
+from .quant import QuantOptions
+from .quant_kernels import PartInfo, QuantKernel, kernel_names, select_kernel
 
-QUANT_KERNELS = ("cached", "dequant", "int8pack")
+QUANT_KERNELS = kernel_names()
 DEFAULT_KERNEL = "cached"
+COLUMN_MAJOR_PARTS = ("weight_u", "weight")  # as layout.py stores fp U and dense W on CPU
+
+
 def _register_quantized(module: nn.Module, part: str, out_f: int, in_f: int, bits: int, group_size: int | None,
                         device: torch.device | str | None) -> None:
     """Empty ``<part>_qweight`` and ``<part>_scales`` buffers (persistent: they are what the checkpoint holds)."""
@@ -40,10 +43,11 @@ def _register_quantized(module: nn.Module, part: str, out_f: int, in_f: int, bit
                                                         dtype=torch.float32, device=device))
 
 
-def _set_quantized(module: nn.Module, part: str, weight: torch.Tensor, gram: torch.Tensor | None) -> None:
+def _set_quantized(module: nn.Module, part: str, weight: torch.Tensor, gram: torch.Tensor | None,
+                   options: QuantOptions | None) -> None:
     from .quant import quantize
 
-    q, s = quantize(weight.detach().float(), module.bits, module.group_size, gram)
+    q, s = quantize(weight.detach().float(), module.bits, module.group_size, gram, options)
     setattr(module, f"{part}_qweight", q.to(weight.device).contiguous())  # int8pack and safetensors want contiguous
     setattr(module, f"{part}_scales", s.to(weight.device).contiguous())
 
@@ -60,7 +64,9 @@ class _QuantizedBase(nn.Module):
         self.compute_dtype = dtype or torch.float32
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.kernel = "dequant"  # until prepare(): no second copy of the weights before they are loaded
-        self._cache: dict[str, torch.Tensor] | None = None
+        self._kernels: dict[str, QuantKernel] = {}
+        self._states: dict[str, Any] = {}
+        self._prepared_for: tuple[torch.device, torch.dtype] | None = None
 
     def dequantized(self, part: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The floating-point weight ``part`` stands for (exactly codes * scales, in fp32 then cast)."""
@@ -69,36 +75,32 @@ class _QuantizedBase(nn.Module):
         return dequantize(getattr(self, f"{part}_qweight"), getattr(self, f"{part}_scales"), self.bits,
                           self.group_size, dtype or self.compute_dtype)
 
-    def prepare(self, kernel: str = "cached") -> None:
-        """Choose the matmul path; "cached" dequantizes now (call again after moving the module)."""
-        if kernel not in QUANT_KERNELS:
-            raise FactorlmError(f"unknown quantized kernel {kernel!r}; choose from {QUANT_KERNELS}")
-        if kernel == "int8pack" and self.bits != 8:
-            raise FactorlmError("kernel 'int8pack' needs int8 weights")
-        self.kernel = kernel
-        self._cache = None
-        if kernel == "cached":
-            cache = {p: self.dequantized(p) for p in self.parts}
-            for p in ("weight_u", "weight"):  # column-major U and dense W on CPU, as layout.py does for fp
-                if p in cache and cache[p].device.type == "cpu":
-                    cache[p] = cache[p].t().contiguous().t()
-            self._cache = cache
+    def part_info(self, part: str) -> PartInfo:
+        q = getattr(self, f"{part}_qweight")
+        in_f = q.shape[1] * (2 if self.bits == 4 else 1)
+        return PartInfo(f"{type(self).__name__} {part}", q, getattr(self, f"{part}_scales"), self.bits,
+                        self.group_size, q.shape[0], in_f, lambda dtype, p=part: self.dequantized(p, dtype),
+                        self.compute_dtype, part in COLUMN_MAJOR_PARTS)
+
+    def prepare(self, kernel: str = DEFAULT_KERNEL) -> None:
+        """Choose the matmul path of every part (see :mod:`.quant_kernels`) and prepare its state now.
+
+        The states follow the activations: a call with another device or dtype prepares again.
+        """
+        kernels = {p: select_kernel(kernel, self.part_info(p)) for p in self.parts}  # raises before changing state
+        self.kernel, self._kernels = kernel, kernels
+        self._states = {p: k.prepare(self.part_info(p)) for p, k in kernels.items()}
+        self._prepared_for = (getattr(self, f"{self.parts[0]}_qweight").device, self.compute_dtype)
 
     def _linear(self, x: torch.Tensor, part: str, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self._cache is not None:
-            weight = self._cache[part]
-            if weight.device != x.device or weight.dtype != x.dtype:  # moved or cast since prepare(): redo it
+        if not self._kernels:
+            y = F.linear(x, self.dequantized(part, x.dtype))
+        else:
+            if self._prepared_for != (x.device, x.dtype):  # moved or cast since prepare(): prepare again
                 self.compute_dtype = x.dtype
-                self.prepare("cached")
-                weight = self._cache[part]
-            return F.linear(x, weight, bias)
-        if self.kernel == "int8pack":
-            shape = x.shape
-            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), getattr(self, f"{part}_qweight"),
-                                          getattr(self, f"{part}_scales").to(x.dtype))
-            y = y.reshape(*shape[:-1], y.shape[-1])
-            return y + bias if bias is not None else y
-        return F.linear(x, self.dequantized(part, x.dtype), bias)
+                self.prepare(self.kernel)
+            y = self._kernels[part].apply(x, self._states[part])
+        return y + bias if bias is not None else y
 
     def stored_bytes(self) -> int:
         return sum(getattr(self, f"{p}{s}").numel() * getattr(self, f"{p}{s}").element_size()
@@ -123,17 +125,28 @@ class QuantizedFactoredLinear(_QuantizedBase):
 
     @classmethod
     def from_factored(cls, layer: FactoredLinear, bits: int, group_size: int | None = None,
-                      gram: torch.Tensor | None = None) -> "QuantizedFactoredLinear":
-        """Quantize V (GPTQ with the layer-input Gram if given), then U (with the Gram of V_q x)."""
+                      gram: torch.Tensor | None = None, options: QuantOptions | None = None
+                      ) -> "QuantizedFactoredLinear":
+        """Quantize V (GPTQ with the layer-input Gram if given), then U (with the Gram of V_q x).
+
+        With ``options.balance`` (default) U and V are first rebalanced (same product).
+        """
+        from .quant import balance_factors, refit_u
+
+        opts = options or QuantOptions()
         u, v = layer.weight_u.detach().float(), layer.weight_v.detach().float()
+        if opts.balance:
+            u, v = balance_factors(u, v)
         new = cls(layer.in_features, layer.out_features, layer.rank, bits, group_size, bias=layer.bias is not None,
                   device="meta", dtype=layer.weight_u.dtype)
-        _set_quantized(new, "weight_v", v, gram)
+        _set_quantized(new, "weight_v", v, gram, opts)
         gram_u = None
         if gram is not None:
             vq = new.dequantized("weight_v", torch.float64)
             gram_u = vq @ gram.to(torch.float64) @ vq.T
-        _set_quantized(new, "weight_u", u, gram_u)
+            if opts.refit_u:
+                u = refit_u(u, v, vq, gram)
+        _set_quantized(new, "weight_u", u, gram_u, opts)
         if layer.bias is not None:
             new.bias = nn.Parameter(layer.bias.detach().clone())
         return new
@@ -165,10 +178,10 @@ class QuantizedLinear(_QuantizedBase):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, bits: int, group_size: int | None = None,
-                    gram: torch.Tensor | None = None) -> "QuantizedLinear":
+                    gram: torch.Tensor | None = None, options: QuantOptions | None = None) -> "QuantizedLinear":
         new = cls(layer.in_features, layer.out_features, bits, group_size, bias=layer.bias is not None,
                   device="meta", dtype=layer.weight.dtype)
-        _set_quantized(new, "weight", layer.weight, gram)
+        _set_quantized(new, "weight", layer.weight, gram, options)
         if layer.bias is not None:
             new.bias = nn.Parameter(layer.bias.detach().clone())
         return new

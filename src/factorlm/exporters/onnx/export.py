@@ -32,14 +32,21 @@ log = logging.getLogger(__name__)
 SUPPORTED_OPSETS = range(18, 24)
 DEFAULT_OPSET = 20
 DTYPES = ("fp32", "fp16")
+# MatMulNBits accuracy_level: the minimum compute precision ONNX Runtime may use for its
+# activations (0 unset = fp32 on CPU, 1 fp32, 2 fp16, 3 bf16, 4 int8 per block)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+EXACT_ACCURACY_LEVELS = (0, 1)
 MODEL_FILE = "model.onnx"
 # protobuf caps a single file at 2 GiB; above this many weight bytes write external data
 EXTERNAL_DATA_BYTES = 1 << 30
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data")
 
 
-def check_options(out_dir: Path, opset: int, dtype: str, overwrite: bool) -> None:
+def check_options(out_dir: Path, opset: int, dtype: str, overwrite: bool, accuracy_level: int | None = None) -> None:
     """Reject bad options before any work, naming the problem."""
+    if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
+        raise FactorlmError(f"unsupported accuracy level {accuracy_level!r}; MatMulNBits takes "
+                            f"{', '.join(map(str, ACCURACY_LEVELS))}")
     if opset not in SUPPORTED_OPSETS:
         raise FactorlmError(f"unsupported opset {opset}: the dynamo exporter supports "
                             f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
@@ -49,9 +56,10 @@ def check_options(out_dir: Path, opset: int, dtype: str, overwrite: bool) -> Non
         raise FactorlmError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
 
 
-def check_request(model_dir: Path, out_dir: Path, opset: int, dtype: str, overwrite: bool) -> None:
+def check_request(model_dir: Path, out_dir: Path, opset: int, dtype: str, overwrite: bool,
+                  accuracy_level: int | None = None) -> None:
     """Options plus the model folder itself."""
-    check_options(out_dir, opset, dtype, overwrite)
+    check_options(out_dir, opset, dtype, overwrite, accuracy_level)
     if not model_dir.is_dir():
         raise FactorlmError(f"{model_dir}: checkpoint folder not found")
     if not (model_dir / "config.json").is_file():
@@ -91,11 +99,12 @@ def to_fp16(path: Path, external_data: bool) -> None:
     save_onnx(model, path, external_data)
 
 
-def quantize_int8(path: Path, external_data: bool, block_size: int = 32) -> None:
+def quantize_int8(path: Path, external_data: bool, block_size: int = 32, accuracy_level: int = 4) -> None:
     """Weight-only int8 of every constant-weight MatMul (the factors, dense layers, LM head).
 
     ONNX Runtime's MatMulNBits with 8 bits and symmetric blocks of ``block_size`` along the
-    inner dimension, accuracy_level 4 (activations quantized to int8 per block at run time).
+    inner dimension, accuracy_level 4 by default (activations quantized to int8 per block at
+    run time).
     ``quantize_dynamic`` (per-tensor MatMulInteger) was tried first and rejected: on the dense
     sample model, even with the LM head left in fp32, it changed the argmax at 28 of the 64
     positions of a WikiText prompt, against 1 of 64 for this scheme.
@@ -105,7 +114,7 @@ def quantize_int8(path: Path, external_data: bool, block_size: int = 32) -> None
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=4)
+                                     accuracy_level=accuracy_level)
     quantizer.process()
     save_onnx(quantizer.model.model, path, external_data)
 
@@ -133,20 +142,27 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 dtype: str = "fp32", int8: bool = False, validate: bool = True, overwrite: bool = False,
                 external_data: bool | None = None, threads: int | None = None,
-                accuracy_level: int = 0) -> dict[str, Any]:
+                accuracy_level: int | None = None) -> dict[str, Any]:
     """Export, validate and atomically write the ONNX folder; return its metadata dict.
 
     A quantized checkpoint (format version 2) is exported from its stored codes and scales
-    (:mod:`.quant`; ``accuracy_level`` is MatMulNBits'); ``int8``/``fp16`` do not apply to it.
+    (:mod:`.quant`); ``int8``/``fp16`` do not apply to it. ``accuracy_level`` is given to
+    every MatMulNBits node (default: 0 for stored codes, fp32 compute and validated to fp32
+    tolerance; 4 for ``int8``); levels other than 0 and 1 are validated to the int8 tolerance.
     """
     from .quant import check_exportable, insert_stored_codes, quant_metadata, stored_weights
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    check_request(model_dir, out_dir, opset, dtype, overwrite)
+    check_request(model_dir, out_dir, opset, dtype, overwrite, accuracy_level)
     block = read_factored_config(model_dir)
     if block is not None and block.quantized and (int8 or dtype != "fp32"):
         raise FactorlmError(f"{model_dir}: checkpoint is already quantized ({block.bits}-bit); export it without "
                             f"--int8/--dtype fp16 (its stored codes are used)")
+    if accuracy_level is not None and not int8 and not (block is not None and block.quantized):
+        raise FactorlmError(f"{model_dir}: --accuracy-level applies to MatMulNBits nodes, which only a quantized "
+                            f"checkpoint or --int8 produces")
+    if accuracy_level is None:
+        accuracy_level = 4 if int8 else 0
     started = time.perf_counter()
     model = _load(model_dir)
     stored = stored_weights(model)
@@ -168,13 +184,13 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
         if dtype == "fp16":
             to_fp16(path, external_data)
         if int8:
-            quantize_int8(path, external_data)
+            quantize_int8(path, external_data, accuracy_level=accuracy_level)
         n_quant = insert_stored_codes(path, stored, external_data, accuracy_level) if stored else 0
         export_s = time.perf_counter() - started
         report = None
         if validate:
             session = make_session(path, threads)
-            exact = not stored or accuracy_level == 0  # fp32 compute on the stored values: fp32 tolerance
+            exact = not stored or accuracy_level in EXACT_ACCURACY_LEVELS  # fp32 compute on the stored values
             worst = validate_graph(session, model, "int8" if int8 or not exact else dtype)
             report = worst_as_dict(worst)
             del session
