@@ -105,6 +105,33 @@ def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def markdown(result: dict) -> str:
+    """The heal_curve.md table (one row per scored point) with the run's settings and load."""
+    dense = result.get("dense_ppl")
+    fr = result["finetune_report"]
+    lines = ["# Healing curve (sample model, saes+mgaa keep 0.8, LAMBADA text)", "",
+             f"One run of {result['steps']} steps x {result['tokens_per_step']:,} tokens ({result['procs']} gloo "
+             f"process(es) x batch {result['batch_size']} x {result['seq_len']} tokens), top-{result['top_k']} teacher "
+             f"cache, {'bf16 autocast' if result['bf16'] else 'fp32'}, peak lr {result['lr']:g} (10% warm-up, cosine "
+             f"to 10%); {fr['tokens_per_s']:.0f} training tokens/s, {result['train_wall_s'] / 60:.1f} min wall for the "
+             f"run (teacher cache {fr['seconds']['teacher_cache']:.0f} s, training {fr['seconds']['train']:.0f} s). "
+             f"Load average {' '.join(result['loadavg']['start'])} at start, "
+             f"{' '.join(result['loadavg']['after_training'])} after training, {' '.join(result['loadavg']['end'])} "
+             "after scoring.", "",
+             f"Held-out KL: full vocabulary, fp32, {result['held_out']} windows of {result['seq_len']} tokens from the "
+             f"last 10% of the training text (never trained on). WikiText-2: first {result['ppl_tokens']:,} tokens of "
+             "wiki.test.raw, windows of 2048, fp32 (evaluation only)" + (f"; dense {dense:.2f} on the same tokens." if dense else "."),
+             "", "| step | training tokens | held-out KL | WikiText-2 ppl | ppl / dense | ppl change since previous point |",
+             "|---|---|---|---|---|---|"]
+    prev = None
+    for r in result["points"]:
+        ratio = f"{r['wikitext2_ppl'] / dense:.2f}x" if dense else "-"
+        change = "-" if prev is None else f"{(r['wikitext2_ppl'] / prev - 1) * 100:+.1f}%"
+        lines.append(f"| {r['step']} | {r['tokens']:,} | {r['held_out_kl']:.4f} | {r['wikitext2_ppl']:.2f} | {ratio} | {change} |")
+        prev = r["wikitext2_ppl"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
@@ -125,7 +152,13 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--dense-ppl", type=float, default=None, help="dense perplexity on the same tokens (for the plot)")
     ap.add_argument("--jobs", type=int, default=2, help="checkpoints scored side by side")
+    ap.add_argument("--report-only", action="store_true", help="rewrite heal_curve.md/.png from heal_curve.json")
     a = ap.parse_args()
+    if a.report_only:
+        result = json.loads((RESULTS / "heal_curve.json").read_text())
+        (RESULTS / "heal_curve.md").write_text(markdown(result))
+        plot(result["points"], result.get("dense_ppl"), RESULTS / "heal_curve.png")
+        return
 
     out = Path(a.out)
     load_start = loadavg()
@@ -152,15 +185,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "heal_curve.json").write_text(json.dumps(result, indent=2))
     plot(rows, a.dense_ppl, RESULTS / "heal_curve.png")
-    lines = ["| step | training tokens | held-out KL | WikiText-2 ppl | ppl / dense | ppl change since previous point |",
-             "|---|---|---|---|---|---|"]
-    prev = None
-    for r in rows:
-        ratio = f"{r['wikitext2_ppl'] / a.dense_ppl:.2f}x" if a.dense_ppl else "-"
-        change = "-" if prev is None else f"{(r['wikitext2_ppl'] / prev - 1) * 100:+.1f}%"
-        lines.append(f"| {r['step']} | {r['tokens']:,} | {r['held_out_kl']:.4f} | {r['wikitext2_ppl']:.2f} | {ratio} | {change} |")
-        prev = r["wikitext2_ppl"]
-    print("\n".join(lines))
+    (RESULTS / "heal_curve.md").write_text(markdown(result))
+    print(markdown(result))
     print(f"training wall {train_wall:.0f} s, {report['tokens_per_s']:.0f} tokens/s; load {load_start} -> "
           f"{load_trained} -> {load_end}; log2 steps {[round(math.log2(max(r['step'], 1)), 1) for r in rows]}")
 
