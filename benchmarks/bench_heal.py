@@ -1,11 +1,12 @@
-"""Healing throughput: the old finetune (1 window per step, teacher on the fly, 1 process) against
-the new one (several windows per step, top-k teacher cache, 2 gloo processes), same run.
+"""Healing throughput: the old finetune (1 window per step, teacher on the fly, fp32, 1 process)
+against batching, the top-k teacher cache, bf16 autocast, longer windows and the second core.
 
 Each configuration is a real ``factorlm finetune`` run on a factored checkpoint of the sample
-model; tokens/s counts training tokens over training time including the teacher (its forwards,
-or building its top-k cache). Writes results/heal.md + .json + heal.png.
+model over the same number of training tokens (``--tokens``; steps = tokens / tokens per step);
+tokens/s counts training tokens over training time including the teacher (its forwards, or
+building its top-k cache). Writes results/heal.md + .json + heal.png.
 
-    python benchmarks/bench_heal.py CKPT --calib TEXT [--steps 4 --seq-len 256]
+    python benchmarks/bench_heal.py CKPT --calib TEXT [--tokens 4096]
 
 With ``--lr LR [LR ...]`` it instead compares peak learning rates on one configuration (batch 2,
 top-k cache with the tail bucket, 1 process each; ``--jobs`` runs them side by side, so their
@@ -27,9 +28,14 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 CONFIGS = {
-    "old: batch 1, teacher on the fly, 1 process": dict(procs=1, batch=1, top_k=None, threads=1),
-    "new: batch 4, top-64 cache, 1 process": dict(procs=1, batch=4, top_k=64, threads=1),
-    "new: batch 2 x 2 gloo processes, top-64 cache": dict(procs=2, batch=2, top_k=64, threads=1),
+    "old: 1 x 256, teacher on the fly, fp32, 1 process": dict(procs=1, batch=1, seq_len=256, top_k=None, threads=1),
+    "4 x 256, top-64 cache, fp32, 1 process": dict(procs=1, batch=4, seq_len=256, top_k=64, threads=1),
+    "4 x 256, top-64 cache, bf16, 1 process": dict(procs=1, batch=4, seq_len=256, top_k=64, threads=1, bf16=True),
+    "2 x 512, top-64 cache, bf16, 1 process": dict(procs=1, batch=2, seq_len=512, top_k=64, threads=1, bf16=True),
+    "2 x 512, top-64 cache, bf16, 1 process x 2 threads": dict(procs=1, batch=2, seq_len=512, top_k=64, threads=2,
+                                                                bf16=True),
+    "1 x 512 x 2 gloo processes, top-64 cache, bf16": dict(procs=2, batch=1, seq_len=512, top_k=64, threads=1,
+                                                           bf16=True),
 }
 
 
@@ -42,6 +48,8 @@ def run_one(ckpt: str, calib: str, steps: int, seq_len: int, cfg: dict, work: Pa
         args += ["--lr", str(cfg["lr"])]
     if cfg["top_k"]:
         args += ["--top-k", str(cfg["top_k"])]
+    if cfg.get("bf16"):
+        args.append("--bf16")
     if cfg["procs"] > 1:
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(cfg["procs"]),
                "-m", "factorlm", "finetune", *args]
@@ -54,7 +62,7 @@ def run_one(ckpt: str, calib: str, steps: int, seq_len: int, cfg: dict, work: Pa
     return {"tokens_per_s": report["tokens_per_s"], "train_tokens": report["train_tokens"],
             "seconds": report["seconds"], "world_size": report["world_size"], "wall_s": round(time.perf_counter() - t0, 1),
             "held_out_kl_before": report["held_out_kl_before"], "held_out_kl_after": report["held_out_kl_after"],
-            "loss": report["loss"]}
+            "loss": report["loss"], "trained_params": report["trained_params"]}
 
 
 def lr_sweep(a: argparse.Namespace) -> None:
@@ -89,8 +97,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--calib", required=True)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4, help="steps of the --lr comparison")
+    ap.add_argument("--seq-len", type=int, default=256, help="window length of the --lr comparison")
+    ap.add_argument("--tokens", type=int, default=4096, help="training tokens of every throughput configuration")
     ap.add_argument("--lr", type=float, nargs="+", default=None, help="compare these peak learning rates instead")
     ap.add_argument("--batch-size", type=int, default=2, help="windows per step in the --lr comparison")
     ap.add_argument("--top-k", type=int, default=64, help="teacher cache size in the --lr comparison")
@@ -104,21 +113,25 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in CONFIGS.items():
-            rows[name] = {**cfg, **run_one(a.checkpoint, a.calib, a.steps, a.seq_len, cfg, Path(tmp))}
+            steps = a.tokens // (cfg["batch"] * cfg["procs"] * cfg["seq_len"])
+            load = Path("/proc/loadavg").read_text().split()[0]
+            rows[name] = {**cfg, "steps": steps, "loadavg_1min_at_start": load,
+                          **run_one(a.checkpoint, a.calib, steps, cfg["seq_len"], cfg, Path(tmp))}
             print(name, rows[name]["tokens_per_s"], flush=True)
     base = rows[next(iter(rows))]["tokens_per_s"]
-    result = {"steps": a.steps, "seq_len": a.seq_len, "loadavg_before": load_before,
+    result = {"tokens": a.tokens, "loadavg_before": load_before,
               "loadavg_after": Path("/proc/loadavg").read_text().split()[:3], "runs": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "heal.json").write_text(json.dumps(result, indent=2))
     lines = ["# Healing throughput (sample model, saes+mgaa keep 0.8, LAMBADA text)", "",
-             f"{a.steps} steps of {a.seq_len}-token windows per configuration, one run; load average "
+             f"{a.tokens} training tokens per configuration, one run each, in table order; load average "
              f"{' '.join(load_before)} before, {' '.join(result['loadavg_after'])} after.", "",
-             "| configuration | world size | training tokens | tokens/s | vs old | held-out KL before -> after |",
-             "|---|---|---|---|---|---|"]
+             "| configuration | steps | training tokens | load (1 min) at start | tokens/s | vs old | first / last loss "
+             "| held-out KL before -> after |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['world_size']} | {r['train_tokens']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s'] / base:.2f}x | {r['held_out_kl_before']:.4f} -> {r['held_out_kl_after']:.4f} |")
+        lines.append(f"| {name} | {r['steps']} | {r['train_tokens']} | {r['loadavg_1min_at_start']} | "
+                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | {r['loss'][0]:.4f} / "
+                     f"{r['loss'][-1]:.4f} | {r['held_out_kl_before']:.4f} -> {r['held_out_kl_after']:.4f} |")
     (RESULTS / "heal.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")

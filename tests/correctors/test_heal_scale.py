@@ -199,3 +199,42 @@ def test_two_gloo_fsdp_processes_equal_one_process_and_checkpoint_full_state(pai
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert not state_dir_for(tmp_path / "two").exists()
+
+
+def test_bf16_autocast_keeps_the_loss_within_a_stated_tolerance_of_fp32():
+    """CPU bf16 autocast rounds the forwards' matmuls only: the weights and Adam stay fp32 and the
+    per-step losses (on-the-fly and top-k teacher) stay within 2% of the fp32 run's."""
+    torch.manual_seed(0)
+    windows, held = torch.randint(0, 200, (8, 32)), torch.randint(0, 200, (2, 32))
+    for top_k in (None, 16):
+        reports = {}
+        for bf16 in (False, True):
+            student, teacher = _models()
+            cfg = FinetuneConfig(steps=4, lr=3e-3, samples=8, seq_len=32, held_out=2, batch_size=2, top_k=top_k, bf16=bf16)
+            reports[bf16] = finetune(student, teacher, windows, held, cfg, progress=False)
+            assert {p.dtype for p in student.parameters()} == {torch.float32}
+        fp32, bf16 = reports[False], reports[True]
+        assert bf16["loss"] != fp32["loss"]  # the autocast did round something
+        assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
+        assert bf16["held_out_kl_after"] == pytest.approx(fp32["held_out_kl_after"], rel=0.01)
+        assert bf16["held_out_kl_before"] == fp32["held_out_kl_before"]  # the held-out KL is always fp32
+
+
+def test_snapshots_are_the_model_after_those_steps(pair, tmp_path):
+    dense, factored, text = pair
+    cfg = FinetuneConfig(steps=4, lr=3e-3, samples=8, seq_len=16, held_out=2, batch_size=2)
+    with pytest.raises(FactorlmError, match="snapshot steps"):
+        finetune_checkpoint(factored, dense, tmp_path / "bad", str(text), cfg, progress=False, snapshot_steps=[5])
+    out, _ = finetune_checkpoint(factored, dense, tmp_path / "out", str(text), cfg, progress=False, snapshot_steps=[2, 4])
+    snaps = out.with_name(out.name + ".snapshots")
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-2", "step-4"]
+    last, final, mid = (load_factored(p).state_dict() for p in (snaps / "step-4", out, snaps / "step-2"))
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    assert not all(torch.equal(mid[k], final[k]) for k in final)
+    # the step-2 snapshot equals a 2-step stop of the same run (same schedule, same data)
+    state, _ = finetune_checkpoint(factored, dense, tmp_path / "stop", str(text),
+                                   FinetuneConfig(**{**cfg.__dict__, "save_every": 2}), progress=False, stop_after=2)
+    from safetensors.torch import load_file
+    saved = load_file(str(state / "trainer_state.safetensors"))
+    trained = {k[len("param/"):]: v for k, v in saved.items() if k.startswith("param/")}
+    assert trained and all(torch.equal(v, mid[k]) for k, v in trained.items())

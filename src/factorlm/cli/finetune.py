@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-cache", default=None, help="folder for the teacher top-k cache (reused across runs)")
     p.add_argument("--save-every", type=int_at_least(0), default=0,
                    help="write a resumable training state to OUTPUT.train-state every N steps (default 0: never)")
+    p.add_argument("--bf16", action="store_true",
+                   help="CPU bf16 autocast on the student's and teacher's forwards (fp32 weights, Adam and loss)")
+    p.add_argument("--snapshot-steps", type=positive_int, nargs="+", default=(),
+                   help="also write the model after these steps to OUTPUT.snapshots/step-N (for a healing curve)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.train-state (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -58,9 +62,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(steps=args.steps, lr=args.lr, samples=args.samples, seq_len=args.seq_len,
                          held_out=args.held_out, train=args.train, seed=args.seed, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, top_k=args.top_k, cache_dir=args.teacher_cache,
-                         save_every=args.save_every, device=args.device, parallel=args.parallel)
+                         save_every=args.save_every, device=args.device, parallel=args.parallel,
+                         bf16=args.bf16)
     path, report = finetune_checkpoint(student, teacher, args.output, args.calib, cfg, overwrite=args.overwrite,
-                                       progress=not args.no_progress, resume=args.resume)
+                                       progress=not args.no_progress, resume=args.resume,
+                                       snapshot_steps=args.snapshot_steps)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
     print(f"held-out KL to the dense model: {report['held_out_kl_before']:.4f} -> {report['held_out_kl_after']:.4f} "

@@ -15,9 +15,11 @@ from the last 10%, so the reported held-out KL is on text the steps never saw.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 import shutil
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from ..runtime.factored_linear import CorrectedLinear, FactoredLinear
 from ..runtime.format import FactorlmError
 from .correctors import kl_to_teacher
 from .dist_env import PARALLEL_MODES, DistEnv, barrier, full_state_dict, init_distributed, shard_model
-from .heal_loop import train as train_loop
+from .heal_loop import forward_autocast, train as train_loop
 from .teacher_cache import load_or_build
 from .loss_plots import loss_png
 
@@ -53,7 +55,9 @@ class FinetuneConfig:
     on the fly; an integer caches its top-k log-probabilities once (in ``cache_dir`` if given).
     ``save_every`` > 0 writes a resumable training state every that many steps. ``parallel``
     (``ddp`` or ``fsdp``) is how a torchrun job with several processes splits the work
-    (dist_env.py); one process ignores it.
+    (dist_env.py); one process ignores it. ``bf16`` runs the student's and the teacher's forwards
+    under CPU bf16 autocast (on CUDA the student always is): the weights, Adam and the loss stay
+    fp32, so only the matmuls round; see docs/healing.md for the measured speed and loss change. The held-out KL is always computed in fp32.
     """
 
     steps: int = 100
@@ -72,6 +76,7 @@ class FinetuneConfig:
     save_every: int = 0
     device: str = "cpu"
     parallel: str = "ddp"
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or (self.samples is not None and self.samples < 1) or self.held_out < 1 or self.seq_len < 2:
@@ -142,8 +147,11 @@ def set_trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
 def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_out: torch.Tensor,
              cfg: FinetuneConfig, progress: bool = True, *, env: DistEnv | None = None,
              state_dir: Path | None = None, resume: bool = False, stop_after: int | None = None,
-             teacher_id: str = "teacher") -> dict[str, Any]:
-    """Distil ``student`` towards ``teacher`` in place; returns losses, held-out KL and timings."""
+             teacher_id: str = "teacher", after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Distil ``student`` towards ``teacher`` in place; returns losses, held-out KL and timings.
+
+    ``after_step(done)`` runs after each optimiser step (``done`` steps so far), e.g. to snapshot.
+    """
     env = env or DistEnv(device=torch.device(cfg.device))
     params = set_trainable(student, cfg.train)
     ids = {id(p) for p in params}
@@ -154,15 +162,19 @@ def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_o
     t0 = time.perf_counter()
     before = mean_kl(student, teacher, held_out.to(env.device))
     t1 = time.perf_counter()
+    def teacher_ac() -> Any:  # the teacher rounds to bf16 only when asked, on either device
+        return forward_autocast(env.device, True) if cfg.bf16 else contextlib.nullcontext()
+
     if cfg.top_k is not None:
-        cache = load_or_build(teacher, train.to(env.device), cfg.top_k,
-                              Path(cfg.cache_dir) if cfg.cache_dir else None, teacher_id, env)
+        with teacher_ac():
+            cache = load_or_build(teacher, train.to(env.device), cfg.top_k, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                  teacher_id + ("|bf16" if cfg.bf16 else ""), env)
 
         def target(rows: list[int]) -> tuple:
             return ("topk", cache[0][rows].to(env.device), cache[1][rows].to(env.device))
     else:
         def target(rows: list[int]) -> tuple:
-            with torch.no_grad():
+            with torch.no_grad(), teacher_ac():
                 return ("full", teacher(input_ids=train[rows].to(env.device)).logits.float().log_softmax(-1))
     t_cache = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc="finetune (KL to dense)", unit="step", disable=not progress or not env.is_main)
@@ -170,6 +182,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_o
     def on_step(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(kl=f"{loss:.4f}")
+        if after_step is not None:
+            after_step(step + 1)
 
     try:
         with torch.enable_grad():
@@ -207,14 +221,24 @@ def state_dir_for(out_dir: str | Path) -> Path:
     return out.with_name(out.name + ".train-state")
 
 
+def snapshots_dir_for(out_dir: str | Path) -> Path:
+    """Where ``snapshot_steps`` checkpoints of a run writing ``out_dir`` go: ``<out_dir>.snapshots/step-N``."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".snapshots")
+
+
 def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, source: str,
                         cfg: FinetuneConfig, *, overwrite: bool = False, progress: bool = True,
-                        resume: bool = False, stop_after: int | None = None) -> tuple[Path, dict]:
+                        resume: bool = False, stop_after: int | None = None,
+                        snapshot_steps: Sequence[int] = ()) -> tuple[Path, dict]:
     """Load a factored checkpoint and its dense model, distil, save to ``out_dir`` atomically.
 
     Under torchrun every rank trains its share of each global batch; only rank 0 writes. With
     ``cfg.parallel == "fsdp"`` both models are sharded over the ranks (dist_env.shard_model) and the
     output is written from the gathered full state dict.
+    ``snapshot_steps``: after each of these steps rank 0 also writes the model so far as a factored
+    checkpoint ``<out_dir>.snapshots/step-N`` (a healing curve evaluates them afterwards; the
+    learning-rate schedule is the full run's, so a snapshot is not a shorter run's result).
     """
     import json
 
@@ -245,11 +269,23 @@ def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_di
         raise FactorlmError(f"{teacher_dir}: vocabulary size {teacher.config.vocab_size} differs from the "
                             f"checkpoint's {student.config.vocab_size}; the teacher must be the model it was compressed from")
     tokenizer = load_tokenizer(src)
+    config = FactoredConfig(ranks={}, dense=block.dense, producer=block.producer)
+    wanted = {int(n) for n in snapshot_steps}
+    if any(n < 1 or n > cfg.steps for n in wanted):
+        raise FactorlmError(f"snapshot steps must lie in 1..{cfg.steps} (the run's steps), got {sorted(wanted)}")
+
+    def snapshot(done: int) -> None:
+        if done in wanted and env.is_main:
+            where = snapshots_dir_for(out) / f"step-{done}"
+            save_factored(student, where, tokenizer=tokenizer, config=config, overwrite=True,
+                          extra_files={"factorlm_snapshot.json": json.dumps({"step": done, "of_steps": cfg.steps})})
+            logger.info("snapshot after step %d -> %s", done, where)
+
     train, held = split_windows(source_ids(tokenizer, source),
                                 replace(cfg, samples=cfg.windows_needed(env.world_size)), where=str(source))
     report = finetune(student, teacher, train, held, cfg, progress=progress, env=env,
                       state_dir=state if (cfg.save_every or resume) else None, resume=resume,
-                      stop_after=stop_after, teacher_id=str(Path(teacher_dir).resolve()))
+                      stop_after=stop_after, teacher_id=str(Path(teacher_dir).resolve()), after_step=snapshot)
     report["source"] = str(source)
     del teacher
     if stop_after is not None and len(report["loss"]) < cfg.steps:
@@ -268,7 +304,7 @@ def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_di
         extra["factorlm_finetune.json"] = json.dumps(report, indent=2)
         extra["factorlm_finetune_loss.png"] = loss_png(report)
         save_factored(student.cpu(), out, tokenizer=tokenizer, extra_files=extra, overwrite=overwrite,
-                      config=FactoredConfig(ranks={}, dense=block.dense, producer=block.producer))
+                      config=config)
         shutil.rmtree(state, ignore_errors=True)
     barrier(env)
     return out, report

@@ -29,6 +29,13 @@ from .correctors import kl_to_teacher, lr_factor
 from .dist_env import DistEnv, barrier, full_tensor, mean_across, shard_like
 from .teacher_cache import topk_kl
 
+
+def forward_autocast(device: torch.device, bf16: bool) -> Any:
+    """The autocast context of the training forwards: bf16 on CUDA always, on the CPU when asked."""
+    if device.type == "cuda" or bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
 logger = logging.getLogger(__name__)
 
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -112,7 +119,7 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
         model = nn.parallel.DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     meta = {"config": {k: getattr(cfg, k) for k in ("steps", "lr", "warmup_steps", "batch_size", "grad_accum",
-                                                    "seq_len", "samples", "seed", "top_k", "train", "clip")},
+                                                    "seq_len", "samples", "seed", "top_k", "train", "clip", "bf16")},
             "world_size": env.world_size, "parallel": env.mode}
     losses: list[float] = []
     start = 0
@@ -121,8 +128,6 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
         start, losses = int(saved["step"]), list(saved["losses"])
         logger.info("resumed from %s at step %d", state_dir, start)
     b, accum, w = cfg.batch_size, cfg.grad_accum, env.world_size
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
-                else contextlib.nullcontext())
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps)
@@ -134,7 +139,7 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
             last = not env.active or env.sharded or a == accum - 1  # FSDP reduce-scatters every micro-batch
             sync = contextlib.nullcontext() if last else model.no_sync()
             with sync:
-                with autocast:
+                with forward_autocast(env.device, getattr(cfg, "bf16", False)):
                     logits = model(input_ids=windows[mine].to(env.device)).logits
                 target = teacher_target(mine)
                 loss = kl_to_teacher(logits, target[1]) if target[0] == "full" else topk_kl(logits, *target[1:])

@@ -38,7 +38,7 @@ CORRECTOR_FIELDS: dict[str, tuple[type, ...]] = {
 HEAL_FIELDS: dict[str, tuple[type, ...]] = {
     "steps": (int,), "lr": (float,), "warmup": (int, _NONE), "samples": (int, _NONE), "seq_len": (int,),
     "held_out": (int,), "clip": (float,), "train": (str,), "seed": (int,), "batch_size": (int,),
-    "grad_accum": (int,), "top_k": (int, _NONE), "calib": (str, _NONE),
+    "grad_accum": (int,), "top_k": (int, _NONE), "bf16": (bool,), "calib": (str, _NONE),
 }
 
 
