@@ -35,6 +35,7 @@ from ..runtime.format import FactoredConfig, FactorlmError
 from .allocation import AraConfig
 from .blockwise import compress_blocks, spectra_pass, weight_spectra
 from .budget import count_params, kept_params, shapes_of
+from .host_memory import trim_host_heap
 from .methods import MethodOptions, get_method
 from .allocation import get_allocator
 from .planning import linear_budget, plan_ranks
@@ -58,6 +59,7 @@ class SourceBlocks:
 
     def release(self, index: int, block: nn.Module) -> None:
         release(block)
+        trim_host_heap()  # else glibc keeps each block's freed heap and RSS grows with depth
 
 
 def supports_streaming(recipe: Any, hooks: list) -> bool:
