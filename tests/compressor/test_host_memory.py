@@ -15,6 +15,7 @@ def _rss_anon() -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _malloc_trim() is None, reason="needs Linux glibc")
 def test_trim_returns_the_freed_heap_that_malloc_keeps():
+    trim_host_heap()  # free heap left by earlier tests would absorb the allocations below
     base = _rss_anon()
     chunks = [torch.ones(16384) for _ in range(2000)]  # 64 KB each: heap, below glibc's mmap threshold
     pinned = [torch.ones(16) for _ in range(100)]  # live allocations above the freed ones keep the heap top
