@@ -61,6 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--name", default="quant", help="results/<name>.{md,json}")
     p.add_argument("--kernels", action="store_true", help="time the CPU matmul paths instead")
+    p.add_argument("--no-quality", action="store_true", help="speed only (e.g. a second run on other engines)")
     return p.parse_args(argv)
 
 
@@ -337,6 +338,8 @@ def main(argv: list[str]) -> int:
     for name in names:
         row = result["variants"].setdefault(name, {})
         row["bytes"] = stored_bytes(paths[name])
+        if args.no_quality:
+            continue
         row.update(quality(paths[name], args.dense, args))
         log.info("%s: %.1f MB, ppl %.3f", name, row["bytes"] / 1e6, row["ppl"])
         write_report(result, args.name)

@@ -13,6 +13,7 @@ import argparse
 from .common import check_output, input_path, int_at_least, positive_int
 
 BITS = (8, 4)
+DEFAULT_INT4_GROUP = 32  # divides the sample model's 576/1536 inputs and ranks in multiples of 32
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +32,8 @@ def add_quant_flags(p: argparse.ArgumentParser, bits_flag: str, required: bool =
     p.add_argument(bits_flag, type=int, choices=BITS, required=required, default=None,
                    help="bits per stored weight: 8 (per output channel scales) or 4 (group-wise scales)")
     p.add_argument("--group-size", type=positive_int, default=None,
-                   help="int4: input columns per scale; must divide every quantized weight's input dim (default 128)")
+                   help="int4: input columns per scale; must divide every quantized weight's input dim, "
+                        "U's is the rank: compress with --rank-multiple 32 for the default (32)")
     p.add_argument("--rounding", default="rtn", choices=("rtn", "gptq"),
                    help="round to nearest (default) or GPTQ error feedback with calibration Grams")
     if bits_flag == "--bits":  # compress has its own calibration flags
@@ -48,7 +50,7 @@ def group_size_of(args: argparse.Namespace, bits: int) -> int | None:
         if args.group_size is not None:
             raise FactorlmError("--group-size applies to 4-bit quantization only (int8 is per output channel)")
         return None
-    return args.group_size or 128
+    return args.group_size or DEFAULT_INT4_GROUP
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,9 +14,11 @@ exactly ``code * scale``:
 Scales are signed (:func:`search_scales`): the candidates map the element of largest
 magnitude in a row/group onto the most negative code (so int4's 16th level, -8, is used)
 or onto the most positive one, and the one with the lower (importance-weighted) squared
-error is kept. An optional clipping grid also tries shrunk scales; it lowers the weight
-error but raised perplexity on the sample model (the clipped outliers matter), so it is
-off by default (``benchmarks/results/quant.md``).
+error is kept. GPTQ also searches a clipping grid weighted by the Gram's diagonal: the
+whitened V factors have rows whose peak is a 1000x outlier on inputs that barely fire, and
+clipping it gives every other weight of the row a fine step (plain-MSE clipping without
+the Gram raised perplexity on the sample model, so RTN does not clip;
+``benchmarks/results/quant.md``).
 
 Rounding is round-to-nearest (RTN) unless an input Gram ``H = X^T X`` of the layer is
 given: then GPTQ-style error feedback (Frantar et al., 2022) quantizes one column at a
@@ -44,22 +46,26 @@ SUPPORTED_BITS = (4, 8)
 QMAX = {8: 127, 4: 7}
 QMIN = {8: -128, 4: -8}
 INT4_OFFSET = 8
-# clipping ratios tried per row (int8) / group (int4): 1.0 is plain absmax scaling
-CLIP_GRID = {8: tuple(1.0 - 0.01 * i for i in range(16)), 4: tuple(1.0 - 0.025 * i for i in range(21))}
+# clipping ratios tried per row (int8) / group (int4): fine steps near 1 (plain absmax),
+# then log-spaced down to 1e-3, so that a row whose peak is an unimportant outlier 1000x
+# its typical weight (whitened V factors have them) can still get a fine step
+_FINE = tuple(1.0 - 0.02 * i for i in range(10))
+CLIP_GRID = {b: _FINE + tuple(0.8 * (1e-3 / 0.8) ** (i / 39) for i in range(40)) for b in (4, 8)}
 
 
 @dataclass(frozen=True)
 class QuantOptions:
     """How codes are chosen (not how they are stored): every choice dequantizes as ``code * scale``.
 
-    ``clip``: search a clipping ratio per row/group (else absmax scales); ``act_order``: GPTQ
+    ``clip`` (GPTQ only): search a clipping ratio per row/group, the error weighted by the
+    Gram's diagonal (RTN has no data and keeps absmax scales); ``act_order``: GPTQ
     in decreasing ``diag(H)`` order with scales fixed beforehand; ``balance``: equalize U's
     rank channels before quantizing a factored layer (:func:`balance_factors`); ``refit_u``
     (GPTQ only): before U is quantized, refit it by least squares to the quantized V
     (:func:`refit_u`), so U's codes also absorb V's rounding error.
     """
 
-    clip: bool = False
+    clip: bool = True
     act_order: bool = True
     balance: bool = False
     refit_u: bool = True
@@ -241,7 +247,7 @@ def _inverse_gram_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None = None,
-                  damp: float = 0.01, block: int = 128, act_order: bool = True, clip: bool = False
+                  damp: float = 0.01, block: int = 128, act_order: bool = True, clip: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ error feedback: (stored qweight, fp32 scales) minimising ||X (W - Q)^T|| for ``gram = X^T X``.
 
@@ -297,7 +303,7 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
     """GPTQ when a Gram is given, round-to-nearest otherwise."""
     opts = options or QuantOptions()
     if gram is None:
-        return quantize_rtn(weight, bits, group_size, opts.clip)
+        return quantize_rtn(weight, bits, group_size)
     return quantize_gptq(weight, gram, bits, group_size, act_order=opts.act_order, clip=opts.clip)
 
 

@@ -10,9 +10,10 @@ stated tolerance is :data:`BF16_TOLERANCE`, relative to the output's largest mag
 
 Measured on the sample model's factor shapes (``bench_quant.py --kernels``, 1 thread,
 ``results/quant_kernels.json``): ``torch._weight_int8pack_mm`` with fp32 activations is
-10-40x slower than an fp32 matmul, but with bf16 activations it is about 2x faster at
-batch 1 (it reads a quarter of the bytes); ``_weight_int4pack_mm_for_cpu`` likewise only
-with bf16 activations. So the default "cached" stays exact (dequantized once, fp32
+5-60x slower than an fp32 matmul, but with bf16 activations it is 1.4-2.4x faster at
+batch 1 on the larger factor pairs (it reads a quarter of the bytes) and slower on the
+smallest (192x576, rank 128), where the casts dominate; ``_weight_int4pack_mm_for_cpu`` is
+fast likewise only with bf16 activations. So the default "cached" stays exact (dequantized once, fp32
 matmuls) and the bf16-activation kernels are opt-in ("int8-bf16", "int4-bf16"), or picked
 by "fastest", which takes the first kernel of :data:`FAST_ORDER` a part supports.
 """
@@ -105,23 +106,32 @@ def _int8pack(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def _apply_int8pack(x: torch.Tensor, part: PartInfo) -> torch.Tensor:
-    return _int8pack(x, part.qweight, part.scales.to(x.dtype))
+def _apply_int8pack(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    qweight, scales = state
+    return _int8pack(x, qweight, scales.to(x.dtype))
 
 
 register_kernel(QuantKernel("cached", (4, 8), None, True, _prepare_cached, _apply_weight,
                             summary="dequantize once at prepare, fp32 matmuls (default)"))
 register_kernel(QuantKernel("dequant", (4, 8), None, True, lambda part: part, _apply_dequant,
                             summary="dequantize every call, no second copy of the weights"))
-register_kernel(QuantKernel("int8pack", (8,), ("cpu", "cuda"), True, lambda part: part, _apply_int8pack,
+register_kernel(QuantKernel("int8pack", (8,), ("cpu", "cuda"), True,
+                            lambda part: (_own_copy(part.qweight), part.scales), _apply_int8pack,
                             summary="torch._weight_int8pack_mm in the activations' dtype"))
 
 
 # --------------------------------------------------------------------------- bf16-activation kernels
 
 
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """A fresh allocation of ``t``, so the packed kernels never read a tensor that shares
+    storage with the loaded checkpoint (a benchmark process died of a general protection
+    fault inside libtorch while scoring a loaded int8 checkpoint on this kernel)."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
 def _prepare_int8_bf16(part: PartInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    return part.qweight.contiguous(), part.scales.to(torch.bfloat16)
+    return _own_copy(part.qweight), part.scales.to(torch.bfloat16).contiguous()
 
 
 def _apply_int8_bf16(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
