@@ -176,7 +176,7 @@ def main() -> None:
     for r in rows:
         r["tokens"] = r["step"] * tokens_per_step
     load_end = loadavg()
-    result = {"checkpoint": a.checkpoint, "steps": a.steps, "procs": a.procs, "batch_size": a.batch_size,
+    result = {"checkpoint": Path(a.checkpoint).name, "steps": a.steps, "procs": a.procs, "batch_size": a.batch_size,
               "seq_len": a.seq_len, "top_k": a.top_k, "lr": a.lr, "bf16": a.bf16, "held_out": a.held_out,
               "ppl_tokens": a.ppl_tokens, "tokens_per_step": tokens_per_step, "train_wall_s": round(train_wall, 1),
               "finetune_report": {k: report[k] for k in ("tokens_per_s", "seconds", "held_out_kl_before",
