@@ -87,18 +87,19 @@ def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [max(r["tokens"], 1) for r in rows]
+    x = [r["tokens"] for r in rows]  # symlog: 0 tokens (the unhealed checkpoint) sits at the left edge
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(x, [r["held_out_kl"] for r in rows], "o-")
-    ax1.set(xscale="symlog", xlabel="training tokens", ylabel="held-out KL to dense (nats/token)",
+    ax1.set(xlabel="training tokens", ylabel="held-out KL to dense (nats/token)",
             title="held-out KL")
     ax2.plot(x, [r["wikitext2_ppl"] for r in rows], "o-", label="healed keep 0.8")
     if dense_ppl:
         ax2.axhline(dense_ppl, color="grey", ls="--", label=f"dense {dense_ppl:.2f}")
         ax2.axhline(1.5 * dense_ppl, color="grey", ls=":", label="1.5x dense (target)")
-    ax2.set(xscale="symlog", xlabel="training tokens", ylabel="WikiText-2 perplexity", title="WikiText-2 perplexity")
+    ax2.set(xlabel="training tokens", ylabel="WikiText-2 perplexity", title="WikiText-2 perplexity")
     ax2.legend()
     for ax in (ax1, ax2):
+        ax.set_xscale("symlog", linthresh=max(min(v for v in x if v > 0), 1))
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -175,7 +176,7 @@ def main() -> None:
     for r in rows:
         r["tokens"] = r["step"] * tokens_per_step
     load_end = loadavg()
-    result = {"checkpoint": a.checkpoint, "steps": a.steps, "procs": a.procs, "batch_size": a.batch_size,
+    result = {"checkpoint": Path(a.checkpoint).name, "steps": a.steps, "procs": a.procs, "batch_size": a.batch_size,
               "seq_len": a.seq_len, "top_k": a.top_k, "lr": a.lr, "bf16": a.bf16, "held_out": a.held_out,
               "ppl_tokens": a.ppl_tokens, "tokens_per_step": tokens_per_step, "train_wall_s": round(train_wall, 1),
               "finetune_report": {k: report[k] for k in ("tokens_per_s", "seconds", "held_out_kl_before",
