@@ -156,7 +156,7 @@ def test_recipe_without_format_version_reads_as_version_1(tmp_path):
 
 def test_section_schemas_match_the_configs():
     assert set(CORRECTOR_FIELDS) == {f.name for f in dataclasses.fields(CorrectorConfig)}
-    run_settings = {"cache_dir", "save_every", "device"}
+    run_settings = {"cache_dir", "save_every", "device", "parallel"}
     assert set(HEAL_FIELDS) - {"calib"} == {f.name for f in dataclasses.fields(FinetuneConfig)} - run_settings
 
 

@@ -33,7 +33,7 @@ CORRECTOR_FIELDS: dict[str, tuple[type, ...]] = {
     "distill_steps": (int,), "lr": (float,), "distill_lr": (float,), "train": (str,), "save": (str,),
     "multiple": (int,), "max_rank": (int,), "seed": (int,), "init": (str,),
 }
-# the fields of compressor.finetune.FinetuneConfig a recipe may set (cache, checkpointing and device
+# the fields of compressor.finetune.FinetuneConfig a recipe may set (cache, checkpointing, device and parallel mode
 # are run settings, not recipe), plus ``calib``: the training text (None: the recipe's calibration source)
 HEAL_FIELDS: dict[str, tuple[type, ...]] = {
     "steps": (int,), "lr": (float,), "warmup": (int, _NONE), "samples": (int, _NONE), "seq_len": (int,),
