@@ -59,3 +59,31 @@ def test_pareto_bad_input_exits_2(tmp_path, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["bench", "pareto", "--checkpoint", f"x={tmp_path}", "--text", str(text)]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_peer_rows_are_gathered_from_every_point_run_and_rendered_without_quality():
+    """A model that is neither dense nor factored (llama.cpp on the GGUF) becomes its own row: the
+    median of its tok/s over the points' runs, no perplexity, and no line in the plot's sweep."""
+    def run(gguf_tok_s):
+        return {"results": [{"engine": "torch", "model": "dense", "batch": 1, "decode_tok_s": 10.0, "weight_bytes": 400},
+                            {"engine": "torch", "model": "factored", "batch": 1, "decode_tok_s": 12.0, "weight_bytes": 300},
+                            {"engine": "llamacpp", "model": "gguf-q4_1", "batch": 1, "decode_tok_s": gguf_tok_s,
+                             "weight_bytes": 100}],
+                "ratios": [{"engine": "torch", "batch": 1, "decode_speedup": 1.2}]}
+
+    refs = pareto_run.reference_rows({"a": run(30.0), "b": run(40.0), "c": run(35.0)})
+    assert [r["name"] for r in refs] == ["gguf-q4_1"]
+    assert refs[0]["engines"] == {"llamacpp/b1": {"decode_tok_s": 35.0, "runs": 3}}
+    assert refs[0]["ppl"] is None and refs[0]["weight_bytes"] == 100
+    sweep = {"settings": {"ppl_tokens": 8, "ppl_window": 8, "text": "t.txt", "zeroshot_limit": 0, "tasks": [],
+                          "prompt_tokens": 4, "new_tokens": 4, "repeats": 1, "threads": 1},
+             "machine": {"cpu_count": 2, "loadavg_start": [1.0], "loadavg_end": [1.0]},
+             "rows": [{"name": "dense", "kind": "dense", "weight_bytes": 400, "ppl": 10.0,
+                       "engines": {"torch/b1": {"decode_tok_s": 10.0}}},
+                      {"name": "k", "kind": "factored", "weight_bytes": 300, "bytes_ratio": 4 / 3, "ppl": 12.0,
+                       "engines": {"torch/b1": {"decode_tok_s": 12.0, "speedup": 1.2}}},
+                      {**refs[0], "bytes_ratio": 4.0}]}
+    md = pareto_run.format_markdown(sweep)
+    line = next(x for x in md.splitlines() if x.startswith("| gguf-q4_1 |"))
+    assert line.split(" | ")[2:5] == ["4.00x", "-", "-"] and "35.0" in line
+    assert "| k | 0.0 | 1.33x | 12.00 | 1.20x |" in md

@@ -133,6 +133,28 @@ def _cells(result: dict[str, Any], model: str) -> dict[str, dict[str, float]]:
     return out
 
 
+SWEEP_MODELS = ("dense", "factored")
+
+
+def reference_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row per model that is neither dense nor factored (a peer such as llama.cpp on a GGUF), timed in
+    every point's run: decode tok/s per engine/batch is the median over those runs. No perplexity: the
+    harness scores only torch-loadable folders."""
+    import statistics
+
+    samples: dict[str, dict[str, list[float]]] = {}
+    weight: dict[str, int] = {}
+    for result in runs.values():
+        for r in result["results"]:
+            if r["model"] in SWEEP_MODELS:
+                continue
+            samples.setdefault(r["model"], {}).setdefault(f"{r['engine']}/b{r['batch']}", []).append(r["decode_tok_s"])
+            weight[r["model"]] = r["weight_bytes"]
+    return [{"name": model, "kind": "reference", "weight_bytes": weight[model], "ppl": None,
+             "engines": {k: {"decode_tok_s": statistics.median(v), "runs": len(v)} for k, v in cells.items()}}
+            for model, cells in sorted(samples.items())]
+
+
 def run_pareto(dense: Path, points: dict[str, Path], cfg: ParetoConfig) -> dict[str, Any]:
     """Measure every point and the dense reference; returns the JSON-ready sweep."""
     if not points:
@@ -160,6 +182,9 @@ def run_pareto(dense: Path, points: dict[str, Path], cfg: ParetoConfig) -> dict[
     import statistics
 
     rows[0]["engines"] = {k: {"decode_tok_s": statistics.median(v), "runs": len(v)} for k, v in dense_speed.items()}
+    for ref in reference_rows(runs):
+        ref["bytes_ratio"] = rows[0]["weight_bytes"] / ref["weight_bytes"]
+        rows.append(ref)
     skipped = {k: v for r in runs.values() for k, v in r.get("skipped", {}).items()}
     return {"bench": "pareto", "dense": display_path(dense), "rows": rows, "skipped": skipped,
             "settings": {"ppl_tokens": cfg.ppl_tokens, "ppl_window": cfg.ppl_window, "text": cfg.text.name,
@@ -222,12 +247,15 @@ def format_markdown(sweep: dict[str, Any], command: str = "", llamacpp_note: str
                 sp = f" ({cell['speedup']:.2f}x)" if "speedup" in cell else ""
                 vals.append(f"{cell['decode_tok_s']:.1f}{sp}")
         lines.append(f"| {r['name']} | {r['weight_bytes'] / 1e6:.1f} | {_fmt(r.get('bytes_ratio', 1.0), '.2f')}x | "
-                     f"{r['ppl']:.2f} | {r['ppl'] / dense_ppl:.2f}x | {_fmt(r.get('zeroshot_average'), '.4f')} | "
+                     f"{_fmt(r['ppl'], '.2f')} | {'-' if r['ppl'] is None else format(r['ppl'] / dense_ppl, '.2f') + 'x'} | "
+                     f"{_fmt(r.get('zeroshot_average'), '.4f')} | "
                      + " | ".join(vals) + " |")
     lines += ["", "Reference rows: dense fp32 is the `torch` and `onnx` columns of the dense row; dense ONNX int8 is "
               "its `onnx-int8` column (its perplexity is not measured here; the int8 columns of factored rows show "
               "the torch fp32 perplexity of that checkpoint)."]
-    lines.append("llama.cpp (sample Q4_1 GGUF): " + (llamacpp_note or "see the llamacpp columns") + ".")
+    lines.append("llama.cpp (sample Q4_1 GGUF): " + (llamacpp_note or "the `gguf-q4_1` row, llamacpp columns (batch 1 "
+                 "only); its tok/s is the median over the points' runs and its quality is not scored here (the dense "
+                 "model is that GGUF dequantized to fp32)") + ".")
     for key, reason in sweep.get("skipped", {}).items():
         lines.append(f"\nSkipped {key}: {reason}")
     return "\n".join(lines) + "\n"
@@ -240,7 +268,7 @@ def plot_pareto(sweep: dict[str, Any], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sweep["rows"]
+    rows = [r for r in sweep["rows"] if r.get("kind") in ("dense", "factored")]
     engines = sorted({k.split("/b")[0] for r in rows for k in r.get("engines", {})})
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for engine in engines:
