@@ -113,13 +113,28 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> tup
     return model.eval(), make_tiny_tokenizer()
 
 
-def save_tiny_dense(path: str | Path, arch: str = "llama", **overrides: Any) -> Path:
-    """Write a tiny dense HF folder (model + tokenizer) and return its path."""
+def save_tiny_dense(path: str | Path, arch: str = "llama", *, dtype: torch.dtype = torch.float32,
+                    max_shard_size: str | None = None, **overrides: Any) -> Path:
+    """Write a tiny dense HF folder (model in ``dtype`` + tokenizer) and return its path; with
+    ``max_shard_size`` the weights are HF shards with an index, as large sources are."""
     model, tokenizer = make_tiny_model(arch, **overrides)
     path = Path(path)
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size or "5GB")
     tokenizer.save_pretrained(path)
     return path
+
+
+def checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (one file or shards), by name."""
+    from safetensors import safe_open
+
+    from .runtime.checkpoint import safetensors_files
+
+    out: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(Path(path)):
+        with safe_open(str(f), framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
 
 
 def write_tiny_factored(path: str | Path, arch: str = "llama", ranks: dict[str, int] | None = None,

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from factorlm.compressor import streamed
 from factorlm.compressor.calib_sources import SAMPLE_SOURCE, calibration_windows
@@ -14,26 +13,15 @@ from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint,
 from factorlm.compressor.resume import ResumeState
 from factorlm.compressor.source import SafetensorsSource, materialized_params, resolve_source
 from factorlm.runtime.arch import decoder_layers
-from factorlm.runtime.checkpoint import load_model, partial_dir, safetensors_files, save_factored
+from factorlm.runtime.checkpoint import load_model, partial_dir, save_factored
 from factorlm.runtime.format import FactoredConfig, FactorlmError, FormatError
-from factorlm.testing import make_tiny_model
+from factorlm.testing import checkpoint_tensors, make_tiny_model, save_tiny_dense
 
 CALIB = dict(calib_samples=4, calib_len=16)
 
 
 def _source(path, dtype=torch.bfloat16, shard=None, arch="llama", **overrides):
-    model, tok = make_tiny_model(arch, **overrides)
-    model.to(dtype).save_pretrained(path, max_shard_size=shard or "5GB")
-    tok.save_pretrained(path)
-    return path
-
-
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in safetensors_files(path):
-        with safe_open(str(f), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
+    return save_tiny_dense(path, arch, dtype=dtype, max_shard_size=shard, **overrides)
 
 
 def _in_ram(src, out, recipe: CompressionRecipe, dtype: torch.dtype):
@@ -52,7 +40,7 @@ def _in_ram(src, out, recipe: CompressionRecipe, dtype: torch.dtype):
 
 
 def _same_checkpoint(a, b) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k

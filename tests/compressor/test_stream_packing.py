@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from factorlm.compressor import streamed
 from factorlm.compressor.pipeline import CompressionRecipe, compress_checkpoint
 from factorlm.compressor.resume import ResumeState
 from factorlm.runtime.checkpoint import partial_dir, safetensors_files
 from factorlm.runtime.format import FactorlmError
-from factorlm.testing import make_tiny_model
+from factorlm.testing import checkpoint_tensors, save_tiny_dense
 
 LAYERS = 6
 SHAPE = dict(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256)
@@ -25,23 +24,8 @@ class _Killed(Exception):
     pass
 
 
-def _source(path):
-    model, tok = make_tiny_model("llama", **SHAPE)
-    model.to(torch.bfloat16).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in safetensors_files(path):
-        with safe_open(str(f), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
-
-
 def _same_checkpoint(a, b) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
@@ -54,7 +38,7 @@ def _bytes(folder) -> int:
 @pytest.fixture(scope="module")
 def src_and_full(tmp_path_factory):
     root = tmp_path_factory.mktemp("pack")
-    src = _source(root / "src")
+    src = save_tiny_dense(root / "src", dtype=torch.bfloat16, **SHAPE)
     full, _ = compress_checkpoint(src, root / "full", CompressionRecipe(**RECIPE), progress=False,
                                   max_shard_size=SHARD)
     return src, full
