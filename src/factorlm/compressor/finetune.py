@@ -57,7 +57,8 @@ class FinetuneConfig:
     (``ddp`` or ``fsdp``) is how a torchrun job with several processes splits the work
     (dist_env.py); one process ignores it. ``bf16`` runs the student's and the teacher's forwards
     under CPU bf16 autocast (on CUDA the student always is): the weights, Adam and the loss stay
-    fp32, so only the matmuls round; see docs/healing.md for the measured speed and loss change. The held-out KL is always computed in fp32.
+    fp32, so only the matmuls round; see docs/healing.md for the measured speed and loss change.
+    The held-out KL is always computed in fp32.
     """
 
     steps: int = 100
@@ -162,6 +163,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_o
     t0 = time.perf_counter()
     before = mean_kl(student, teacher, held_out.to(env.device))
     t1 = time.perf_counter()
+
     def teacher_ac() -> Any:  # the teacher rounds to bf16 only when asked, on either device
         return forward_autocast(env.device, True) if cfg.bf16 else contextlib.nullcontext()
 

@@ -139,7 +139,7 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
             last = not env.active or env.sharded or a == accum - 1  # FSDP reduce-scatters every micro-batch
             sync = contextlib.nullcontext() if last else model.no_sync()
             with sync:
-                with forward_autocast(env.device, getattr(cfg, "bf16", False)):
+                with forward_autocast(env.device, cfg.bf16):
                     logits = model(input_ids=windows[mine].to(env.device)).logits
                 target = teacher_target(mine)
                 loss = kl_to_teacher(logits, target[1]) if target[0] == "full" else topk_kl(logits, *target[1:])

@@ -129,7 +129,7 @@ class QuantizedFactoredLinear(_QuantizedBase):
                       ) -> "QuantizedFactoredLinear":
         """Quantize V (GPTQ with the layer-input Gram if given), then U (with the Gram of V_q x).
 
-        With ``options.balance`` (default) U and V are first rebalanced (same product).
+        With ``options.balance`` (off by default: it measured worse) U and V are first rebalanced (same product).
         """
         from .quant import balance_factors, refit_u
 
