@@ -86,3 +86,17 @@ def test_int4_kernel_needs_output_multiple_of_16():
     q = layer(4, 32, out_f=40, rank=32)  # U is [40, 32]
     with pytest.raises(FactorlmError, match="output dimension 40 is not a multiple of 16"):
         q.prepare("int4-bf16")
+
+
+def test_mixed_kernels_cast_between_parts():
+    """V on the bf16 kernel, U on the exact one ("fastest" on a U the int4 kernel refuses):
+    the bf16 intermediate is cast to U's fp32 compute dtype, and the result is fp32."""
+    q = layer(4, 32, out_f=40, rank=32)  # U [40, 32] refused by int4-bf16, V [32, 64] accepted
+    q.prepare("fastest")
+    assert (q._kernels["weight_v"].name, q._kernels["weight_u"].name) == ("int4-bf16", "cached")
+    x = torch.randn(2, 5, 64)
+    expected = reference(q, x)
+    with torch.no_grad():
+        got = q(x)
+    assert got.dtype == torch.float32
+    assert float((got - expected).abs().max() / expected.abs().max()) <= BF16_TOLERANCE

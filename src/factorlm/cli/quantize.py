@@ -36,6 +36,9 @@ def add_quant_flags(p: argparse.ArgumentParser, bits_flag: str, required: bool =
                         "U's is the rank: compress with --rank-multiple 32 for the default (32)")
     p.add_argument("--rounding", default="rtn", choices=("rtn", "gptq"),
                    help="round to nearest (default) or GPTQ error feedback with calibration Grams")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also quantize the LM head, read once per generated token (a head tied to the "
+                        "embeddings is untied; the embeddings stay in floating point)")
     if bits_flag == "--bits":  # compress has its own calibration flags
         p.add_argument("--calib", default="sample", help="calibration text for gptq (default: built-in sample text)")
         p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration windows (default 32)")
@@ -67,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     info = quantize_checkpoint(src, args.output, bits=args.bits, group_size=group, rounding=args.rounding,
                                dense=args.dense, calib=args.calib, calib_samples=args.calib_samples,
-                               calib_len=args.calib_len, seed=args.seed, overwrite=args.overwrite)
-    print(f"quantized {info['modules']} modules to int{args.bits}"
+                               calib_len=args.calib_len, seed=args.seed, overwrite=args.overwrite,
+                               lm_head=args.lm_head)
+    print(f"quantized {info['modules']} modules{' (LM head included)' if args.lm_head else ''} to int{args.bits}"
           f"{f' (group {group})' if group else ''}, {args.rounding}; saved to {args.output}")
     return 0
 
@@ -96,4 +100,4 @@ def quantize_output(args: argparse.Namespace, path: object) -> None:
     calib = args.calib or "sample"
     quantize_checkpoint(path, path, bits=args.factor_bits, group_size=group_size_of(args, args.factor_bits),
                         rounding=args.rounding, calib=calib, calib_samples=args.calib_samples,
-                        calib_len=args.calib_len, seed=args.seed, overwrite=True)
+                        calib_len=args.calib_len, seed=args.seed, overwrite=True, lm_head=args.lm_head)

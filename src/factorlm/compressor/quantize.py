@@ -4,8 +4,9 @@ Every factored layer gets int8 (per output channel) or int4 (group-wise) U and V
 ``dense=True`` the block linears kept dense are quantized the same way, so a dense model
 quantized here is the "dense int8" baseline in the same format. Rounding is round-to-nearest
 or GPTQ error feedback (:func:`factorlm.runtime.quant.quantize_gptq`) with the input Gram of
-each layer, collected from calibration text in one pass of the unquantized model (V sees
-the layer input's Gram, U the Gram of ``V_q x``).
+each layer from calibration text (V sees the layer input's Gram, U the Gram of ``V_q x``):
+by default block by block, each block's Grams taken on what the already quantized blocks
+produce (:func:`quantize_sequential`), or all in one pass of the unquantized model.
 
 Everything that can be wrong is checked before the model is loaded or any Gram collected:
 bits, group size against every weight's input dimension (errors name the module), an
@@ -47,7 +48,8 @@ def check_scheme(bits: int, group_size: int | None, rounding: str) -> None:
         raise FactorlmError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
-def weight_shapes(config: FactoredConfig | None, skeleton: nn.Module, dense: bool) -> dict[str, list[tuple[str, int]]]:
+def weight_shapes(config: FactoredConfig | None, skeleton: nn.Module, dense: bool, lm_head: bool = False
+                  ) -> dict[str, list[tuple[str, int]]]:
     """{module: [(part, input dim), ...]} of every weight that will be quantized."""
     from ..runtime.arch import compressible_linears
 
@@ -58,7 +60,27 @@ def weight_shapes(config: FactoredConfig | None, skeleton: nn.Module, dense: boo
             targets[fqn] = [("weight_u", ranks[fqn]), ("weight_v", module.in_features)]
         elif dense and isinstance(module, nn.Linear):
             targets[fqn] = [("weight", module.in_features)]
+    if lm_head:
+        fqn, head = lm_head_of(skeleton)
+        targets[fqn] = [("weight", head.in_features)]
     return targets
+
+
+def lm_head_of(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(name, module) of the output projection (the LM head); a clear error when it is not a Linear."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise FactorlmError(f"the model's output embeddings are a {type(head).__name__}, not a Linear; "
+                            "its LM head cannot be quantized")
+    return next(n for n, m in model.named_modules() if m is head), head
+
+
+def untie_lm_head(model: nn.Module) -> None:
+    """Mark the config untied: the quantized LM head no longer shares the input embeddings' weight
+    (the embeddings stay in floating point), so readers must not tie them again."""
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
 
 
 def check_targets(targets: dict[str, list[tuple[str, int]]], bits: int, group_size: int | None) -> None:
@@ -127,6 +149,38 @@ def collect_grams(model: nn.Module, names: list[str], windows: torch.Tensor, bat
     return grams
 
 
+@torch.no_grad()
+def quantize_sequential(model: nn.Module, targets: list[str], bits: int, group_size: int | None,
+                        windows: torch.Tensor, options: QuantOptions | None = None, batch_size: int = 4) -> None:
+    """GPTQ decoder block by decoder block, in place: a block's Grams come from the hidden states
+    the blocks before it produce *after* their quantization, so its rounding also works against
+    the error arriving from upstream. Costs two block forwards per block over the calibration
+    windows (Grams, then the quantized block's output). Targets outside the decoder blocks are
+    quantized first with Grams from one pass of the unquantized model.
+    """
+    from ..runtime.arch import decoder_layers
+    from .streaming import capture_block_inputs, run_block, split_batches
+
+    layers = decoder_layers(model)
+    module_names = {id(m): n for n, m in model.named_modules()}
+    prefixes = [module_names[id(block)] + "." for block in layers]
+    outside = [t for t in targets if not any(t.startswith(p) for p in prefixes)]
+    if outside:
+        quantize_model(model, outside, bits, group_size, collect_grams(model, outside, windows, batch_size), options)
+    captured = capture_block_inputs(model, split_batches(windows, batch_size))
+    hidden = captured.hidden
+    for index, (block, prefix) in enumerate(zip(layers, prefixes)):
+        local = [t for t in targets if t.startswith(prefix)]
+        kwargs = captured.block_kwargs[index]
+        if local:
+            with gram_hooks(model, local) as grams:
+                for h in hidden:
+                    run_block(block, h, kwargs)
+            quantize_model(model, local, bits, group_size, grams, options)
+        hidden = [run_block(block, h, kwargs) for h in hidden]
+        logger.debug("block %d/%d quantized", index + 1, len(layers))
+
+
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -153,8 +207,12 @@ def quantize_model(model: nn.Module, targets: list[str], bits: int, group_size: 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits: int, group_size: int | None = None,
                         rounding: str = "rtn", dense: bool = False, calib: str = "sample", calib_samples: int = 32,
                         calib_len: int = 512, seed: int = 0, overwrite: bool = False,
-                        options: QuantOptions | None = None) -> dict[str, Any]:
+                        options: QuantOptions | None = None, lm_head: bool = False) -> dict[str, Any]:
     """Quantize checkpoint ``src`` into ``out`` (may equal ``src`` with ``overwrite``); returns a summary.
+
+    ``lm_head`` also quantizes the output projection (read once per generated token, a fifth
+    of a small model's weights); a head tied to the input embeddings is untied, the embeddings
+    staying in floating point, so the checkpoint grows by the head's codes on disk.
 
     ``options`` (:class:`~factorlm.runtime.quant.QuantOptions`, default all on) choose the
     codes: clipping search, GPTQ act-order, U/V balancing; they are recorded in
@@ -169,28 +227,34 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     block = check_source(src, dense)
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass --overwrite to replace it")
-    targets = weight_shapes(block, _skeleton(src), dense)
+    targets = weight_shapes(block, _skeleton(src), dense, lm_head)
     if not targets:
         raise FactorlmError(f"{src}: nothing to quantize (no factored modules, and no dense linears selected)")
     check_targets(targets, bits, group_size)
     model = load_model(src, fast_layout=False).float()
     tokenizer = load_tokenizer(src)
-    grams = None
     if rounding == "gptq":
         from .calib_sources import calibration_windows
 
         windows = calibration_windows(tokenizer, calib, calib_samples, calib_len, seed)
         logger.info("collecting input Grams of %d layers from %d x %d calibration tokens", len(targets),
                     *windows.shape)
-        grams = collect_grams(model, list(targets), windows)
-    quantize_model(model, list(targets), bits, group_size, grams, options)
+        if options.sequential:
+            quantize_sequential(model, list(targets), bits, group_size, windows, options)
+        else:
+            grams = collect_grams(model, list(targets), windows)
+            quantize_model(model, list(targets), bits, group_size, grams, options)
+    else:
+        quantize_model(model, list(targets), bits, group_size, None, options)
+    if lm_head:
+        untie_lm_head(model)
     base = block or FactoredConfig(ranks={})
     config = FactoredConfig(ranks={}, dense=list(base.dense), producer=dict(base.producer), rounding=rounding,
                             bits=bits, group_size=group_size)
     extra: dict[str, str | bytes] = {name: (src / name).read_text() for name in SIDE_FILES if (src / name).is_file()}
-    info = {"bits": bits, "group_size": group_size, "rounding": rounding, "modules": len(targets),
+    info = {"bits": bits, "group_size": group_size, "rounding": rounding, "modules": len(targets), "lm_head": lm_head,
             "options": options.to_dict(),
-            "calibration": {"source": calib, "samples": calib_samples, "length": calib_len} if grams is not None else None}
+            "calibration": {"source": calib, "samples": calib_samples, "length": calib_len} if rounding == "gptq" else None}
     extra["factorlm_quantization.json"] = json.dumps(info, indent=2) + "\n"
     path = save_factored(model, out, tokenizer=tokenizer, config=config, extra_files=extra, overwrite=overwrite)
     if (src / "generation_config.json").is_file() and not (path / "generation_config.json").is_file():

@@ -62,13 +62,17 @@ class QuantOptions:
     in decreasing ``diag(H)`` order with scales fixed beforehand; ``balance``: equalize U's
     rank channels before quantizing a factored layer (:func:`balance_factors`); ``refit_u``
     (GPTQ only): before U is quantized, refit it by least squares to the quantized V
-    (:func:`refit_u`), so U's codes also absorb V's rounding error.
+    (:func:`refit_u`), so U's codes also absorb V's rounding error; ``sequential`` (GPTQ only,
+    applied by the checkpoint quantizer): each decoder block's Grams are taken on the hidden
+    states the already quantized blocks produce, as GPTQ does, rather than all from one pass
+    of the unquantized model.
     """
 
     clip: bool = True
     act_order: bool = True
     balance: bool = False
     refit_u: bool = True
+    sequential: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -65,6 +65,10 @@ class QuantKernel:
     apply: Callable[[torch.Tensor, Any], torch.Tensor]
     check: Callable[[PartInfo], str | None] = lambda part: None  # an extra shape requirement
     summary: str = ""
+    # the activations' dtype ``apply`` takes and returns; None: the layer's compute dtype. A
+    # factored layer whose two parts share it casts once on the way in and once on the way
+    # out, not around each part (the casts cost as much as the small rank's matmul)
+    act_dtype: torch.dtype | None = None
 
     def unsupported(self, part: PartInfo) -> str | None:
         """Why this kernel cannot run ``part`` (None when it can)."""
@@ -136,7 +140,7 @@ def _prepare_int8_bf16(part: PartInfo) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _apply_int8_bf16(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     qweight, scales = state
-    return _int8pack(x.to(torch.bfloat16), qweight, scales).to(x.dtype)
+    return _int8pack(x, qweight, scales)  # x is bf16 (act_dtype); so is the result
 
 
 def _check_int4pack(part: PartInfo) -> str | None:
@@ -161,16 +165,17 @@ def _prepare_int4_bf16(part: PartInfo) -> tuple[torch.Tensor, int, torch.Tensor]
 def _apply_int4_bf16(x: torch.Tensor, state: tuple[torch.Tensor, int, torch.Tensor]) -> torch.Tensor:
     packed, group, scale_zeros = state
     shape = x.shape
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), packed,
-                                                   group, scale_zeros)
-    return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), packed, group, scale_zeros)
+    return y.reshape(*shape[:-1], y.shape[-1])  # bf16 in (act_dtype), bf16 out
 
 
 register_kernel(QuantKernel("int8-bf16", (8,), ("cpu",), False, _prepare_int8_bf16, _apply_int8_bf16,
-                            summary="torch._weight_int8pack_mm with bf16 activations and scales"))
+                            summary="torch._weight_int8pack_mm with bf16 activations and scales",
+                            act_dtype=torch.bfloat16))
 register_kernel(QuantKernel("int4-bf16", (4,), ("cpu",), False, _prepare_int4_bf16, _apply_int4_bf16,
                             check=_check_int4pack,
-                            summary="torch's CPU int4pack matmul with bf16 activations and scales"))
+                            summary="torch's CPU int4pack matmul with bf16 activations and scales",
+                            act_dtype=torch.bfloat16))
 
 # a selector resolves per part to the first kernel of its order that the part supports
 FAST_ORDER = ("int8-bf16", "int4-bf16", "cached")  # measured order on CPU

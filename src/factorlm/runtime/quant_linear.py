@@ -92,14 +92,23 @@ class _QuantizedBase(nn.Module):
         self._states = {p: k.prepare(self.part_info(p)) for p, k in kernels.items()}
         self._prepared_for = (getattr(self, f"{self.parts[0]}_qweight").device, self.compute_dtype)
 
-    def _linear(self, x: torch.Tensor, part: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _ensure_prepared(self, x: torch.Tensor) -> None:
+        """Prepare again when the layer input's device or dtype moved since :meth:`prepare`."""
+        if self._kernels and self._prepared_for != (x.device, x.dtype):
+            self.compute_dtype = x.dtype
+            self.prepare(self.kernel)
+
+    def _part_matmul(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        """``part``'s matmul; the result is in its kernel's activation dtype (see ``QuantKernel.act_dtype``)."""
         if not self._kernels:
-            y = F.linear(x, self.dequantized(part, x.dtype))
-        else:
-            if self._prepared_for != (x.device, x.dtype):  # moved or cast since prepare(): prepare again
-                self.compute_dtype = x.dtype
-                self.prepare(self.kernel)
-            y = self._kernels[part].apply(x, self._states[part])
+            return F.linear(x, self.dequantized(part, x.dtype))
+        kernel = self._kernels[part]
+        dtype = kernel.act_dtype or self.compute_dtype
+        return kernel.apply(x if x.dtype == dtype else x.to(dtype), self._states[part])
+
+    @staticmethod
+    def _finish(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+        y = y if y.dtype == dtype else y.to(dtype)
         return y + bias if bias is not None else y
 
     def stored_bytes(self) -> int:
@@ -121,7 +130,8 @@ class QuantizedFactoredLinear(_QuantizedBase):
         self._init_common(bits, group_size, bias, out_features, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(self._linear(x, "weight_v"), "weight_u", self.bias)
+        self._ensure_prepared(x)
+        return self._finish(self._part_matmul(self._part_matmul(x, "weight_v"), "weight_u"), x.dtype, self.bias)
 
     @classmethod
     def from_factored(cls, layer: FactoredLinear, bits: int, group_size: int | None = None,
@@ -174,7 +184,8 @@ class QuantizedLinear(_QuantizedBase):
         self._init_common(bits, group_size, bias, out_features, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, "weight", self.bias)
+        self._ensure_prepared(x)
+        return self._finish(self._part_matmul(x, "weight"), x.dtype, self.bias)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, bits: int, group_size: int | None = None,
