@@ -41,10 +41,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="where variants and exports go (default: factorlm cache)")
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--ppl-window", type=int, default=1024)
+    p.add_argument("--zeroshot-limit", type=int, default=0,
+                   help="rows per zero-shot task (piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq); 0: skip")
     p.add_argument("--ppl-fastest", action="store_true",
                    help="also score quantized variants with their layers on the 'fastest' kernel (bf16 activations)")
-    p.add_argument("--calib-samples", type=int, default=16, help="GPTQ calibration windows (built-in sample text)")
+    p.add_argument("--calib", default="sample", help="GPTQ calibration text: 'sample' (built-in) or a file")
+    p.add_argument("--calib-samples", type=int, default=16, help="GPTQ calibration windows")
     p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--one-pass", action="store_true",
+                   help="GPTQ Grams from one pass of the unquantized model (default: block by block, sequential)")
+    p.add_argument("--lm-head", action="store_true", help="quantize the LM head too in every quantized variant")
     p.add_argument("--int4-group", type=int, default=32)
     p.add_argument("--variants", default="dense-fp32,dense-int8,fact-fp32,fact-int8-rtn,fact-int8-gptq,"
                                           "fact-int4-rtn,fact-int4-gptq")
@@ -81,8 +87,16 @@ def build_point(spec: str, args: argparse.Namespace, work: Path) -> tuple[str, P
         group = int(opts[1]) if len(opts) > 1 and opts[1] else None
         rounding = opts[2] if len(opts) > 2 else "rtn"
         quantize_checkpoint(Path(src), out, bits=bits, group_size=group if bits == 4 else None, rounding=rounding,
-                            dense=True, calib_samples=args.calib_samples, calib_len=args.calib_len)
+                            **quant_kwargs(args))
     return name, out
+
+
+def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantize_checkpoint arguments every variant shares (calibration, Gram pass, LM head)."""
+    from factorlm.runtime.quant import QuantOptions
+
+    return {"dense": True, "calib": args.calib, "calib_samples": args.calib_samples, "calib_len": args.calib_len,
+            "options": QuantOptions(sequential=not args.one_pass), "lm_head": args.lm_head}
 
 
 def build_variant(name: str, args: argparse.Namespace, work: Path) -> Path:
@@ -104,7 +118,7 @@ def build_variant(name: str, args: argparse.Namespace, work: Path) -> Path:
     b = int(bits.removeprefix("int"))
     t0 = time.perf_counter()
     quantize_checkpoint(src, out, bits=b, group_size=args.int4_group if b == 4 else None, rounding=rounding,
-                        dense=True, calib_samples=args.calib_samples, calib_len=args.calib_len)
+                        **quant_kwargs(args))
     log.info("built %s in %.0f s", name, time.perf_counter() - t0)
     return out
 
@@ -127,6 +141,13 @@ def quality(path: Path, tokenizer_dir: Path, args: argparse.Namespace) -> dict[s
     t0 = time.perf_counter()
     r = perplexity(model, tokenizer, text, window=args.ppl_window, max_tokens=args.ppl_tokens, progress=False)
     out = {"ppl": r.ppl, "ppl_tokens_scored": r.tokens_scored, "ppl_s": time.perf_counter() - t0}
+    if args.zeroshot_limit > 0:
+        from factorlm.bench.pareto_run import ZEROSHOT_TASKS
+        from factorlm.eval.zeroshot import evaluate_zeroshot
+
+        t0 = time.perf_counter()
+        zs = evaluate_zeroshot(model, tokenizer, list(ZEROSHOT_TASKS), limit=args.zeroshot_limit, progress=False)
+        out.update({"zeroshot_average": zs["average"], "zeroshot_s": time.perf_counter() - t0})
     if args.ppl_fastest and prepare_quantized(model, "fastest"):
         out["ppl_fastest"] = perplexity(model, tokenizer, text, window=args.ppl_window, max_tokens=args.ppl_tokens,
                                         progress=False).ppl
@@ -215,9 +236,15 @@ def write_report(result: dict[str, Any], name: str) -> None:
              f"{result['config']['ppl_window']}; decode tok/s = batch x {result['config']['new_tokens'] - 1} "
              f"tokens / decode time, best of {result['config']['repeats']} interleaved repeats. int4 group size "
              f"{result['config']['int4_group']}. GPTQ Grams from {result['config']['calib_samples']} x "
-             f"{result['config']['calib_len']} tokens of the built-in sample text.", "",
-             "| variant | bytes (MB) | WikiText-2 ppl | ppl vs fact-fp32 | " + fastest_head + " | ".join(cols) + " |",
-             "|---|---|---|---|" + "---|" * (len(cols) + bool(fastest_head))]
+             f"{result['config']['calib_len']} tokens of {calib_name(result['config'].get('calib', 'sample'))}, "
+             f"{'one pass of the unquantized model' if result['config'].get('one_pass') else 'block by block'}"
+             f"{'; LM head quantized too' if result['config'].get('lm_head') else ''}."
+             + (f" Zero-shot: average accuracy over 6 tasks (piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
+                f"boolq), {result['config']['zeroshot_limit']} rows each." if result['config'].get('zeroshot_limit')
+                else ""), "",
+             "| variant | bytes (MB) | WikiText-2 ppl | ppl vs fact-fp32 | zero-shot avg | " + fastest_head
+             + " | ".join(cols) + " |",
+             "|---|---|---|---|---|" + "---|" * (len(cols) + bool(fastest_head))]
     for v, r in rows.items():
         ppl = r.get("ppl")
         rel = f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else ""
@@ -230,7 +257,8 @@ def write_report(result: dict[str, Any], name: str) -> None:
         if with_fastest:
             pf = r.get("ppl_fastest")
             fastest = f"{pf:.3f} ({(pf / ref - 1) * 100:+.2f}%) | " if pf and ref else " | "
-        lines.append(f"| {v} | {r.get('bytes', 0) / 1e6:.1f} | {f'{ppl:.3f}' if ppl else ''} | {rel} | {fastest}"
+        zs = f"{r['zeroshot_average']:.4f}" if r.get("zeroshot_average") is not None else ""
+        lines.append(f"| {v} | {r.get('bytes', 0) / 1e6:.1f} | {f'{ppl:.3f}' if ppl else ''} | {rel} | {zs} | {fastest}"
                      + " | ".join(cells) + " |")
     errors = [f"- {v} on {e}: {s['error']}" for v, r in rows.items() for e, s in r.get("speed", {}).items()
               if "error" in s]
@@ -239,6 +267,10 @@ def write_report(result: dict[str, Any], name: str) -> None:
     if result.get("notes"):
         lines += ["", *result["notes"]]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def calib_name(calib: str) -> str:
+    return "the built-in sample text" if calib == "sample" else Path(calib).name
 
 
 KERNEL_SHAPES = ((1536, 576, 384), (576, 1536, 384), (576, 576, 256), (192, 576, 128))  # (out, in, rank)
@@ -322,7 +354,8 @@ def main(argv: list[str]) -> int:
         "command": "OMP_NUM_THREADS=1 python benchmarks/bench_quant.py " + " ".join(map(_portable, argv)),
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                   if k not in ("dense", "factored", "text", "work", "point")}
+                   if k not in ("dense", "factored", "text", "work", "point", "calib")}
+        | {"calib": args.calib if args.calib == "sample" else Path(args.calib).name}
         | {"factored_name": args.factored.name, "points": [p.split("=")[0] for p in args.point]},
         "variants": {},
         "notes": [],
@@ -343,7 +376,7 @@ def main(argv: list[str]) -> int:
         row.update(quality(paths[name], args.dense, args))
         log.info("%s: %.1f MB, ppl %.3f", name, row["bytes"] / 1e6, row["ppl"])
         write_report(result, args.name)
-    for engine in args.engines.split(","):
+    for engine in [e for e in args.engines.split(",") if e]:
         for name, cells in speed(engine, paths, work, args).items():
             result["variants"][name].setdefault("speed", {})[engine] = cells
         write_report(result, args.name)

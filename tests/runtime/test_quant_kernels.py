@@ -100,3 +100,17 @@ def test_mixed_kernels_cast_between_parts():
         got = q(x)
     assert got.dtype == torch.float32
     assert float((got - expected).abs().max() / expected.abs().max()) <= BF16_TOLERANCE
+
+
+def test_cli_quant_kernel_flag(tmp_path, capsys):
+    from factorlm.cli import main
+    from factorlm.compressor.quantize import quantize_checkpoint
+    from factorlm.testing import write_tiny_factored
+
+    src = write_tiny_factored(tmp_path / "f", rank=16)
+    quantize_checkpoint(src, tmp_path / "q", bits=8)
+    args = ["generate", str(tmp_path / "q"), "--prompt", "Once upon", "--max-new-tokens", "4"]
+    assert main([*args, "--quant-kernel", "fastest"]) == 0
+    assert main([*args, "--quant-kernel", "int9"]) == 2
+    err = capsys.readouterr().err
+    assert "--quant-kernel 'int9'" in err and "fastest" in err

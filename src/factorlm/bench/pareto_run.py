@@ -47,6 +47,9 @@ def load_onnx_int8(model_dir: Path, variant: str, config: BenchConfig) -> OnnxRu
 register_engine(EngineSpec("onnx-int8", load_onnx_int8, description="ONNX Runtime, weight-only int8 export"))
 
 
+ZEROSHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
+
+
 @dataclass
 class ParetoConfig:
     """What one sweep measures; ``speed`` is the offline benchmark's configuration for every point."""
@@ -55,7 +58,7 @@ class ParetoConfig:
     ppl_tokens: int = 49152
     ppl_window: int = 2048
     zeroshot_limit: int = 200
-    tasks: tuple[str, ...] = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
+    tasks: tuple[str, ...] = ZEROSHOT_TASKS
     speed: BenchConfig = field(default_factory=lambda: BenchConfig(engines=["torch", "onnx", "onnx-int8"],
                                                                    batches=[1, 8], memory="off", bandwidth_mib=0))
     cache: Path | None = None

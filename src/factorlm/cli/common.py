@@ -194,3 +194,19 @@ def check_context(model_dir: str | os.PathLike, length: int, flag: str) -> None:
     if limit is not None and length > limit:
         raise FactorlmError(f"{flag} {length} exceeds the model's context length {limit} "
                             f"({Path(model_dir) / 'config.json'}); use {flag} {limit} or less")
+
+
+def add_quant_kernel_flag(p: argparse.ArgumentParser) -> None:
+    """``--quant-kernel``: the matmul path of a quantized checkpoint's layers (torch engine)."""
+    p.add_argument("--quant-kernel", default="cached", metavar="NAME",
+                   help="quantized checkpoints, torch: 'cached' (default; exact, fp32 matmuls on the codes "
+                        "dequantized at load) or 'fastest' (int8/int4 kernels with bf16 activations where a layer "
+                        "fits: faster, within 2e-2 of exact); the others: docs/format.md")
+
+
+def check_quant_kernel(name: str) -> None:
+    """Refuse an unknown ``--quant-kernel`` before any model is loaded."""
+    from ..runtime.quant_kernels import kernel_names
+
+    if name not in kernel_names():
+        raise FactorlmError(f"--quant-kernel {name!r}: unknown; choose from {', '.join(kernel_names())}")

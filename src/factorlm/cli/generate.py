@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .common import float_in, non_negative_float, non_negative_int, positive_int
+from .common import add_quant_kernel_flag, float_in, non_negative_float, non_negative_int, positive_int
 
 ENGINES = ("torch", "onnx")
 
@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx-device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu sees a GPU)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    add_quant_kernel_flag(p)
     p.add_argument("--compile", action="store_true",
                    help="torch engine: static KV cache with the decode step compiled by torch.compile "
                         "(needs a C++ compiler on CPU; the first tokens pay the compile time)")
@@ -39,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..runtime.checkpoint import load_model, load_tokenizer
     from ..runtime.generate import GenerationStats, SamplingParams, encode_prompt, stream_text
-    from .common import resolve_model_path
+    from .common import check_quant_kernel, resolve_model_path
 
+    check_quant_kernel(args.quant_kernel)
     if args.threads:
         torch.set_num_threads(args.threads)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         return _run_onnx(args, path, params)
     started = time.perf_counter()
-    model = load_model(path)
+    model = load_model(path, quant_kernel=args.quant_kernel)
     tokenizer = load_tokenizer(path)
     load_s = time.perf_counter() - started
     input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)

@@ -9,6 +9,7 @@ import os
 from ..runtime.format import FactorlmError
 from ..serving.engines import ENGINES
 from ..serving.limits import MIB, HttpLimits
+from .common import add_quant_kernel_flag
 
 VLLM = "vllm"  # not an in-process engine: the process is handed over to vLLM's own server
 
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest max_tokens a request may ask for")
     p.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads of the forward pass (torch, and ONNX Runtime for --engine onnx)")
+    add_quant_kernel_flag(p)
     p.add_argument("--compile", action="store_true",
                    help="torch engine: a request decoding alone runs a static KV cache with the decode step "
                         "compiled by torch.compile (needs a C++ compiler on CPU; the first requests pay the compile "
@@ -81,8 +83,9 @@ def _launch_vllm(path: str, args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .common import resolve_model_path
+    from .common import check_quant_kernel, resolve_model_path
 
+    check_quant_kernel(args.quant_kernel)
     path = resolve_model_path(args.model)
     if args.engine == VLLM:
         return _launch_vllm(str(path), args)
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     limits = HttpLimits(max_body_bytes=int(args.max_body_mib * MIB), body_timeout_s=args.body_timeout,
                         header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout)
     options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                            served_model_name=args.served_model_name, threads=args.threads, compile=args.compile)
+                            served_model_name=args.served_model_name, threads=args.threads, compile=args.compile,
+                            quant_kernel=args.quant_kernel)
     engine = create_engine(args.engine, path, options)
     app = create_app(engine, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit, limits=limits)
     print(f"factorlm: serving {engine.model_name!r} ({args.engine}) on http://{args.host}:{args.port}/v1", flush=True)

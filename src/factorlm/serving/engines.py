@@ -33,6 +33,7 @@ class EngineOptions:
     served_model_name: str | None = None
     threads: int | None = None  # CPU threads of the forward pass (torch intra-op / ORT intra-op)
     compile: bool = False  # torch: a lone sequence decodes through the compiled static-cache decoder
+    quant_kernel: str = "cached"  # torch: matmul path of a quantized checkpoint's layers (runtime.quant_kernels)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def _build_torch(path: Path, options: EngineOptions, name: str) -> Any:
         torch.set_num_threads(options.threads)
     if options.compile and not torch.cuda.is_available() and not _has_cxx():  # before the model loads
         raise FactorlmError("--compile on CPU needs a C++ compiler (g++) on PATH for torch.compile")
-    return TorchEngine(load_model(path), load_tokenizer(path), model_name=name, max_batch=options.max_batch,
+    return TorchEngine(load_model(path, quant_kernel=options.quant_kernel), load_tokenizer(path), model_name=name, max_batch=options.max_batch,
                        max_queue=options.max_queue, max_model_len=options.max_model_len, compile=options.compile)
 
 
