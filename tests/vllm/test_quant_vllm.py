@@ -2,7 +2,9 @@
 
 The int8 checkpoint is the mixed fused-group layout of ``vllm_helpers.mixed_ranks`` with the
 dense pieces quantized too (``dense=True``), so q/k/v and gate/up groups hold quantized
-factored and quantized dense pieces side by side; the int4 one uses group size 16.
+factored and quantized dense pieces side by side; the int4 one uses group size 16. The
+``--lm-head`` case quantizes the head of a tied model (untied on the way), so vLLM loads the
+head's codes and scales rather than a ``weight``.
 """
 
 from __future__ import annotations
@@ -32,3 +34,26 @@ def test_quantized_greedy_parity(vllm_module, tmp_path, bits, group, ranks) -> N
         assert vllm_tokens(llm, prompts) == reference_tokens(path, prompts)
     finally:
         shutdown(llm)
+
+
+@pytest.mark.parametrize("bits,group,ranks", [(8, None, mixed_ranks()), (4, 16, _int4_ranks())],
+                         ids=["int8", "int4-g16"])
+def test_quantized_lm_head_greedy_parity(vllm_module, tmp_path, bits, group, ranks) -> None:
+    import json
+
+    src = write_tiny_factored(tmp_path / "factored", "llama", ranks=ranks, tie_word_embeddings=True)
+    path = tmp_path / "q"
+    quantize_checkpoint(src, path, bits=bits, group_size=group, lm_head=True)
+    assert "lm_head" in json.loads((path / "config.json").read_text())["quantization_config"]["quantized_dense"]
+    prompts = prompt_ids(path)
+    llm = make_llm(path)
+    try:
+        assert llm.apply_model(_head_state) == [("QuantizedHeadMethod", False)]
+        assert vllm_tokens(llm, prompts) == reference_tokens(path, prompts)
+    finally:
+        shutdown(llm)
+
+
+def _head_state(model) -> tuple[str, bool]:
+    """(method class, whether the codes are still held) of the loaded model's lm_head."""
+    return type(model.lm_head.quant_method).__name__, hasattr(model.lm_head, "weight_qweight")

@@ -3,8 +3,9 @@
 The checkpoint is read by a vLLM quantization method named ``factorlm`` (``config.py``)
 whose linear method (``linear.py``) stores each layer's factors and runs two GEMMs per
 factored piece; the tensor-parallel shard arithmetic lives in ``plan.py`` (no vLLM
-import). vLLM finds the plugin through the ``vllm.general_plugins`` entry point, which
-calls :func:`register` once in every vLLM process (front end, engine core, workers).
+import), and ``head.py`` loads an LM head quantized with ``quantize --lm-head``. vLLM
+finds the plugin through the ``vllm.general_plugins`` entry point, which calls
+:func:`register` once in every vLLM process (front end, engine core, workers).
 
 Nothing here imports vLLM at module import time, so ``import factorlm`` stays light and
 works where vLLM is not installed.

@@ -5,7 +5,8 @@ and builds this class with :meth:`FactorlmVllmConfig.from_config` (an unknown
 ``format_version`` or a malformed block fails here, with factorlm's message). While the
 model is built, every linear asks :meth:`get_quant_method` with its vLLM name; fused
 layers (``qkv_proj``, ``gate_up_proj``) are mapped back to the checkpoint's pieces through
-the model's ``packed_modules_mapping``, each piece with its own rank or dense.
+the model's ``packed_modules_mapping``, each piece with its own rank or dense. A quantized
+LM head (``lm_head`` in ``quantized_dense``) gets the head method of ``head.py``.
 """
 
 from __future__ import annotations
@@ -72,9 +73,16 @@ class FactorlmVllmConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+        if isinstance(layer, VocabParallelEmbedding):
+            if prefix and prefix in self.quantized_dense:  # `quantize --lm-head`: codes + scales on disk
+                from .head import QuantizedHeadMethod
+
+                return QuantizedHeadMethod(int(self.block.bits or 0), self.block.group_size)
+            return None  # embeddings and an fp lm_head: unquantized
         if not isinstance(layer, LinearBase):
-            return None  # embeddings, lm_head, attention: unquantized
+            return None  # attention and the rest: unquantized
         names = self.piece_names(prefix)
         ranks = [self.ranks.get(name) for name in names]
         quantized = [name in self.quantized_dense for name in names]
