@@ -87,3 +87,19 @@ def test_peer_rows_are_gathered_from_every_point_run_and_rendered_without_qualit
     line = next(x for x in md.splitlines() if x.startswith("| gguf-q4_1 |"))
     assert line.split(" | ")[2:5] == ["4.00x", "-", "-"] and "35.0" in line
     assert "| k | 0.0 | 1.33x | 12.00 | 1.20x |" in md
+
+
+def test_onnx_int8_engine_runs_a_quantized_checkpoint_on_its_stored_codes(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from factorlm.bench.runner import BenchConfig
+    from factorlm.compressor.quantize import quantize_checkpoint
+
+    monkeypatch.setenv("FACTORLM_CACHE", str(tmp_path / "cache"))
+    src = write_tiny_factored(tmp_path / "f", rank=16)
+    quantize_checkpoint(src, tmp_path / "q8", bits=8)
+    runner = pareto_run.load_onnx_int8(tmp_path / "q8", "factored", BenchConfig(engines=["onnx-int8"], threads=1))
+    meta = runner.gen.meta
+    assert meta["quantization"]["source"] == "stored codes and scales"
+    assert meta["quantization"]["accuracy_level"] == 4
+    assert runner.run([[5, 17, 33, 2]], 3).decode_s > 0
+    runner.close()

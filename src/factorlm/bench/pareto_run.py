@@ -5,7 +5,9 @@ WikiText-2 perplexity, zero-shot average, weight bytes, and decode tokens/s per 
 from one ``run_offline`` pass that interleaves that checkpoint with the dense model, so every
 speedup is a ratio from one run. Quality scores and speed results are cached per model
 fingerprint and settings, so a rerun resumes where a killed one stopped. ``onnx-int8`` is an
-engine registered here: ONNX Runtime on a weight-only int8 export (exported once, cached).
+engine registered here: ONNX Runtime on a weight-only int8 export (exported once, cached); a
+checkpoint already quantized (int8/int4 factors) is not quantized again: its own stored codes
+run with MatMulNBits accuracy level 4 (int8 activations), as the dense int8 export does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def load_onnx_int8(model_dir: Path, variant: str, config: BenchConfig) -> OnnxRunner:
-    """ONNX Runtime on the weight-only int8 export of ``model_dir`` (exported once into the cache)."""
+    """ONNX Runtime on the weight-only int8 export of ``model_dir`` (exported once into the cache), or on
+    its stored codes at accuracy level 4 when the checkpoint is quantized already."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
@@ -37,10 +40,17 @@ def load_onnx_int8(model_dir: Path, variant: str, config: BenchConfig) -> OnnxRu
     from ..exporters.onnx import export_onnx
     from ..sample_model import cache_root
 
+    from ..runtime.format import read_factored_config
+
     out = cache_root() / "bench-onnx" / f"{model_dir.name}-{folder_fingerprint(model_dir)}-int8"
     if not (out / "factorlm_onnx.json").is_file():
-        log.info("exporting %s to int8 ONNX at %s", model_dir, out)
-        export_onnx(model_dir, out, int8=True, overwrite=True, threads=config.threads)
+        block = read_factored_config(model_dir)
+        if block is not None and block.quantized:
+            log.info("exporting %s's stored %d-bit codes at accuracy level 4 to %s", model_dir, block.bits, out)
+            export_onnx(model_dir, out, accuracy_level=4, overwrite=True, threads=config.threads)
+        else:
+            log.info("exporting %s to int8 ONNX at %s", model_dir, out)
+            export_onnx(model_dir, out, int8=True, overwrite=True, threads=config.threads)
     return OnnxRunner(out, config)
 
 
