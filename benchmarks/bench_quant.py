@@ -224,11 +224,12 @@ def write_report(result: dict[str, Any], name: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = result["variants"]
     ref = rows.get("fact-fp32", {}).get("ppl")
-    engines = result["config"]["engines"].split(",")
+    engines = [e for e in result["config"]["engines"].split(",") if e]
     batches = result["config"]["batches"].split(",")
     cols = [f"{e} b{b}" for e in engines for b in batches]
     with_fastest = any("ppl_fastest" in r for r in rows.values())
-    fastest_head = "ppl, fastest kernel | " if with_fastest else ""
+    head = ["variant", "bytes (MB)", "WikiText-2 ppl", "ppl vs fact-fp32", "zero-shot avg"]
+    head += ["ppl, fastest kernel"] * with_fastest + cols
     lines = [f"# Quantized factors on the sample model ({result['config']['factored_name']} ranks)", "",
              f"Command: `{result['command']}`", "",
              f"Load average at start / end: {result['load_start']} / {result.get('load_end', 'n/a')}; "
@@ -242,24 +243,20 @@ def write_report(result: dict[str, Any], name: str) -> None:
              + (f" Zero-shot: average accuracy over 6 tasks (piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
                 f"boolq), {result['config']['zeroshot_limit']} rows each." if result['config'].get('zeroshot_limit')
                 else ""), "",
-             "| variant | bytes (MB) | WikiText-2 ppl | ppl vs fact-fp32 | zero-shot avg | " + fastest_head
-             + " | ".join(cols) + " |",
-             "|---|---|---|---|---|" + "---|" * (len(cols) + bool(fastest_head))]
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, r in rows.items():
         ppl = r.get("ppl")
-        rel = f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else ""
-        cells = []
+        row = [v, f"{r.get('bytes', 0) / 1e6:.1f}", f"{ppl:.3f}" if ppl else "",
+               f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else "",
+               f"{r['zeroshot_average']:.4f}" if r.get("zeroshot_average") is not None else ""]
+        if with_fastest:
+            pf = r.get("ppl_fastest")
+            row.append(f"{pf:.3f} ({(pf / ref - 1) * 100:+.2f}%)" if pf and ref else "")
         for e in engines:
             for b in batches:
                 s = r.get("speed", {}).get(e, {})
-                cells.append(f"{s[f'b{b}']:.1f}" if f"b{b}" in s else ("n/a" if "error" in s else ""))
-        fastest = ""
-        if with_fastest:
-            pf = r.get("ppl_fastest")
-            fastest = f"{pf:.3f} ({(pf / ref - 1) * 100:+.2f}%) | " if pf and ref else " | "
-        zs = f"{r['zeroshot_average']:.4f}" if r.get("zeroshot_average") is not None else ""
-        lines.append(f"| {v} | {r.get('bytes', 0) / 1e6:.1f} | {f'{ppl:.3f}' if ppl else ''} | {rel} | {zs} | {fastest}"
-                     + " | ".join(cells) + " |")
+                row.append(f"{s[f'b{b}']:.1f}" if f"b{b}" in s else ("n/a" if "error" in s else ""))
+        lines.append("| " + " | ".join(row) + " |")
     errors = [f"- {v} on {e}: {s['error']}" for v, r in rows.items() for e, s in r.get("speed", {}).items()
               if "error" in s]
     if errors:
