@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dense", action="store_true",
                    help="also quantize the block linears kept dense (dense int8 baseline in the same format)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     info = quantize_checkpoint(src, args.output, bits=args.bits, group_size=group, rounding=args.rounding,
                                dense=args.dense, calib=args.calib, calib_samples=args.calib_samples,
                                calib_len=args.calib_len, seed=args.seed, overwrite=args.overwrite,
-                               lm_head=args.lm_head)
+                               lm_head=args.lm_head, progress=not args.no_progress)
     print(f"quantized {info['modules']} modules{' (LM head included)' if args.lm_head else ''} to int{args.bits}"
           f"{f' (group {group})' if group else ''}, {args.rounding}; saved to {args.output}")
     return 0
@@ -100,4 +101,5 @@ def quantize_output(args: argparse.Namespace, path: object) -> None:
     calib = args.calib or "sample"
     quantize_checkpoint(path, path, bits=args.factor_bits, group_size=group_size_of(args, args.factor_bits),
                         rounding=args.rounding, calib=calib, calib_samples=args.calib_samples,
-                        calib_len=args.calib_len, seed=args.seed, overwrite=True, lm_head=args.lm_head)
+                        calib_len=args.calib_len, seed=args.seed, overwrite=True, lm_head=args.lm_head,
+                        progress=not args.no_progress)

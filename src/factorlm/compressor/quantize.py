@@ -151,7 +151,8 @@ def collect_grams(model: nn.Module, names: list[str], windows: torch.Tensor, bat
 
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, targets: list[str], bits: int, group_size: int | None,
-                        windows: torch.Tensor, options: QuantOptions | None = None, batch_size: int = 4) -> None:
+                        windows: torch.Tensor, options: QuantOptions | None = None, batch_size: int = 4,
+                        progress: bool = False) -> None:
     """GPTQ decoder block by decoder block, in place: a block's Grams come from the hidden states
     the blocks before it produce *after* their quantization, so its rounding also works against
     the error arriving from upstream. Costs two block forwards per block over the calibration
@@ -169,7 +170,10 @@ def quantize_sequential(model: nn.Module, targets: list[str], bits: int, group_s
         quantize_model(model, outside, bits, group_size, collect_grams(model, outside, windows, batch_size), options)
     captured = capture_block_inputs(model, split_batches(windows, batch_size))
     hidden = captured.hidden
-    for index, (block, prefix) in enumerate(zip(layers, prefixes)):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(list(zip(layers, prefixes)), desc="quantize (gptq)", unit="block", disable=not progress)
+    for index, (block, prefix) in enumerate(bar):
         local = [t for t in targets if t.startswith(prefix)]
         kwargs = captured.block_kwargs[index]
         if local:
@@ -207,7 +211,8 @@ def quantize_model(model: nn.Module, targets: list[str], bits: int, group_size: 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits: int, group_size: int | None = None,
                         rounding: str = "rtn", dense: bool = False, calib: str = "sample", calib_samples: int = 32,
                         calib_len: int = 512, seed: int = 0, overwrite: bool = False,
-                        options: QuantOptions | None = None, lm_head: bool = False) -> dict[str, Any]:
+                        options: QuantOptions | None = None, lm_head: bool = False,
+                        progress: bool = False) -> dict[str, Any]:
     """Quantize checkpoint ``src`` into ``out`` (may equal ``src`` with ``overwrite``); returns a summary.
 
     ``lm_head`` also quantizes the output projection (read once per generated token, a fifth
@@ -240,7 +245,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
         logger.info("collecting input Grams of %d layers from %d x %d calibration tokens", len(targets),
                     *windows.shape)
         if options.sequential:
-            quantize_sequential(model, list(targets), bits, group_size, windows, options)
+            quantize_sequential(model, list(targets), bits, group_size, windows, options, progress=progress)
         else:
             grams = collect_grams(model, list(targets), windows)
             quantize_model(model, list(targets), bits, group_size, grams, options)
