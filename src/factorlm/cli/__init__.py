@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..runtime.format import FactorlmError
-from .interrupt import INTERRUPTED, InterruptWatchdog
+from .interrupt import INTERRUPTED, DeferInterruptsWhileImporting, InterruptWatchdog
 
 # One line per subcommand module; each defines register(subparsers) and sets args.func.
 COMMAND_MODULES = [
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, turn expected errors into one clear line and exit code 2."""
+    DeferInterruptsWhileImporting.install()
     watchdog = InterruptWatchdog()
     watchdog.start()
     try:

@@ -9,11 +9,14 @@ path runs every cleanup), and if the main thread is still busy, or on a second C
 removes the partial outputs the command was writing (hidden ``.NAME.*`` siblings of its
 outputs that appeared during the run), prints the line and ends the process with 130.
 While another SIGINT handler is installed (uvicorn in ``serve``, asyncio in ``bench
-serving``) the watchdog leaves Ctrl-C to it.
+serving``) the watchdog leaves Ctrl-C to it. A Ctrl-C during ``import torch`` is held until
+the import is complete (:class:`DeferInterruptsWhileImporting`): interrupted half-way, torch
+can swallow it or fail the next import.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import select
 import shutil
@@ -117,3 +120,61 @@ class InterruptWatchdog:
             except (OSError, ValueError):
                 pass
         os._exit(130)
+
+
+# --------------------------------------------------------------------------- interrupts during heavy imports
+
+DEFERRED_IMPORTS = ("torch",)
+
+
+class _DeferringLoader(importlib.abc.Loader):
+    """Runs the real loader's ``exec_module`` with SIGINT held back, then re-raises a held Ctrl-C.
+
+    A ``KeyboardInterrupt`` that lands inside torch's own import leaves it half-initialised:
+    the interrupt can be swallowed there (the command then runs to the end) or the next import
+    fails with a RuntimeError. Holding SIGINT until the import is complete makes Ctrl-C at
+    start-up always the clean exit 130.
+    """
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):  # noqa: ANN001, ANN201 - importlib protocol
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:  # noqa: ANN001 - importlib protocol
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            self.loader.exec_module(module)
+            return
+        held: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        try:
+            self.loader.exec_module(module)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
+
+
+class DeferInterruptsWhileImporting(importlib.abc.MetaPathFinder):
+    """A meta path finder that wraps the top-level import of :data:`DEFERRED_IMPORTS` in a
+    :class:`_DeferringLoader`; install it with :meth:`install` (idempotent), in the CLI only."""
+
+    def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001, ANN201 - importlib protocol
+        if fullname not in DEFERRED_IMPORTS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _DeferringLoader(spec.loader)
+                return spec
+        return None
+
+    @classmethod
+    def install(cls) -> None:
+        if not any(isinstance(f, cls) for f in sys.meta_path):
+            sys.meta_path.insert(0, cls())
