@@ -128,6 +128,12 @@ def test_ctrl_c_during_save_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "out"]
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal delivers it (a test runner started in the background,
+    e.g. under nohup, passes SIGINT on ignored, and Python keeps an inherited ignore)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_at_start_up(tmp_path):
     """SIGINT while the command is still importing torch: one line, 130, no traceback."""
     dense = save_tiny_dense(tmp_path / "dense")
@@ -137,7 +143,7 @@ def test_ctrl_c_at_start_up(tmp_path):
         print("ready", flush=True)
         sys.exit(main(sys.argv[1:]))
     """), "compress", str(dense), "-o", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -176,7 +182,8 @@ def test_ctrl_c_during_a_long_native_call(tmp_path):
                        "--calib-len", "32", "--calib-samples", "4", "--no-progress"]))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script, str(dense), str(calib), str(out)],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                            preexec_fn=_default_sigint)
     lines = []
     for line in proc.stderr:
         lines.append(line)
