@@ -141,6 +141,9 @@ def test_compress_factor_bits_bad_scheme_fails_before_work(tmp_path, capsys):
     # int4 groups must divide every rank (a multiple of --rank-multiple): refused before compressing
     assert main(["compress", str(dense), "-o", str(out), "--factor-bits", "4", "--group-size", "16"]) == 2
     assert "does not divide --rank-multiple 8" in capsys.readouterr().err and not out.exists()
+    # quantization flags without --factor-bits are refused, not ignored
+    assert main(["compress", str(dense), "-o", str(out), "--lm-head"]) == 2
+    assert "--lm-head applies to quantized factors" in capsys.readouterr().err and not out.exists()
 
 
 def test_int8_checkpoint_through_the_server_engine(factored, tmp_path):
