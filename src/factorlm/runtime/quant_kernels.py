@@ -10,9 +10,10 @@ stated tolerance is :data:`BF16_TOLERANCE`, relative to the output's largest mag
 
 Measured on the sample model's factor shapes (``bench_quant.py --kernels``, 1 thread,
 ``results/quant_kernels.json``): ``torch._weight_int8pack_mm`` with fp32 activations is
-5-60x slower than an fp32 matmul, but with bf16 activations it is 1.4-2.4x faster at
-batch 1 on the larger factor pairs (it reads a quarter of the bytes) and slower on the
-smallest (192x576, rank 128), where the casts dominate; ``_weight_int4pack_mm_for_cpu`` is
+5-60x slower than an fp32 matmul, but with bf16 activations (cast once per factored
+layer) it is 1.5-1.7x faster at batch 1 on the larger factor pairs (it reads a quarter of
+the bytes), about 2x at batch 8, and slower at batch 1 on the smallest (192x576, rank
+128: 12.6 vs 8.4 us), where the casts dominate; ``_weight_int4pack_mm_for_cpu`` is
 fast likewise only with bf16 activations. So the default "cached" stays exact (dequantized once, fp32
 matmuls) and the bf16-activation kernels are opt-in ("int8-bf16", "int4-bf16"), or picked
 by "fastest", which takes the first kernel of :data:`FAST_ORDER` a part supports.
