@@ -24,7 +24,12 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..runtime.import_hooks import WrappingLoader, wrapped_spec
 
 INTERRUPTED = "factorlm: interrupted; no partial output was written"
 
@@ -127,7 +132,7 @@ class InterruptWatchdog:
 DEFERRED_IMPORTS = ("torch",)
 
 
-class _DeferringLoader(importlib.abc.Loader):
+class _DeferringLoader(WrappingLoader):
     """Runs the real loader's ``exec_module`` with SIGINT held back, then re-raises a held Ctrl-C.
 
     A ``KeyboardInterrupt`` that lands inside torch's own import leaves it half-initialised:
@@ -136,21 +141,15 @@ class _DeferringLoader(importlib.abc.Loader):
     start-up always the clean exit 130.
     """
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
-        self.loader = loader
-
-    def create_module(self, spec):  # noqa: ANN001, ANN201 - importlib protocol
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:  # noqa: ANN001 - importlib protocol
+    def exec_module(self, module: ModuleType) -> None:
         if (threading.current_thread() is not threading.main_thread()
                 or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-            self.loader.exec_module(module)
+            self.inner.exec_module(module)
             return
         held: list[int] = []
         previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
         try:
-            self.loader.exec_module(module)
+            self.inner.exec_module(module)
         finally:
             signal.signal(signal.SIGINT, previous)
         if held:
@@ -161,18 +160,10 @@ class DeferInterruptsWhileImporting(importlib.abc.MetaPathFinder):
     """A meta path finder that wraps the top-level import of :data:`DEFERRED_IMPORTS` in a
     :class:`_DeferringLoader`; install it with :meth:`install` (idempotent), in the CLI only."""
 
-    def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001, ANN201 - importlib protocol
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> ModuleSpec | None:
         if fullname not in DEFERRED_IMPORTS:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _DeferringLoader(spec.loader)
-                return spec
-        return None
+        return wrapped_spec(self, fullname, path, target, _DeferringLoader)
 
     @classmethod
     def install(cls) -> None:

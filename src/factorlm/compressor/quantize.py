@@ -159,19 +159,19 @@ def quantize_sequential(model: nn.Module, targets: list[str], bits: int, group_s
     windows (Grams, then the quantized block's output). Targets outside the decoder blocks are
     quantized first with Grams from one pass of the unquantized model.
     """
-    from ..runtime.arch import decoder_layers
+    from tqdm.auto import tqdm
+
+    from ..runtime.arch import decoder_layers, get_arch
     from .streaming import capture_block_inputs, run_block, split_batches
 
     layers = decoder_layers(model)
-    module_names = {id(m): n for n, m in model.named_modules()}
-    prefixes = [module_names[id(block)] + "." for block in layers]
+    layers_path = get_arch(model.config).layers_path
+    prefixes = [f"{layers_path}.{index}." for index in range(len(layers))]
     outside = [t for t in targets if not any(t.startswith(p) for p in prefixes)]
     if outside:
         quantize_model(model, outside, bits, group_size, collect_grams(model, outside, windows, batch_size), options)
     captured = capture_block_inputs(model, split_batches(windows, batch_size))
     hidden = captured.hidden
-    from tqdm.auto import tqdm
-
     bar = tqdm(list(zip(layers, prefixes)), desc="quantize (gptq)", unit="block", disable=not progress)
     for index, (block, prefix) in enumerate(bar):
         local = [t for t in targets if t.startswith(prefix)]

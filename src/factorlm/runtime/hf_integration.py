@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from .format import QUANT_METHOD, FactoredConfig
+from .import_hooks import WrappingLoader, wrapped_spec
 
 logger = logging.getLogger(__name__)
 _REGISTERED = False
@@ -43,27 +44,11 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != REGISTRY_MODULE or _REGISTERED:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None:
-            spec.loader = _RegisteringLoader(spec.loader)
-        return spec
+        return wrapped_spec(self, fullname, path, target, _RegisteringLoader)
 
 
-class _RegisteringLoader(importlib.abc.Loader):
+class _RegisteringLoader(WrappingLoader):
     """Runs the real loader, then registers the factorlm quantizer in the fresh module."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def create_module(self, spec: Any) -> Any:
-        return self.inner.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.inner.exec_module(module)
