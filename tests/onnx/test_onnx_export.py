@@ -58,12 +58,17 @@ def test_factored_export_validates_and_greedy_matches_torch(exported, arch: str)
     for name in ("model.onnx", "factorlm_onnx.json", "genai_config.json", "tokenizer.json", "config.json"):
         assert (out / name).is_file(), name
     assert meta["factored"] and meta["ranks"]
-    # every factored linear is two MatMuls against its factors: [in, r] then [r, out], never densified
+    # every factored linear is two MatMuls against its factors, never densified: its own [r, out]
+    # second factor, and a first factor [in, r] that may be joined with its siblings' (q/k/v,
+    # gate/up share their input) into one [in, sum r] MatMul
     weights = _matmul_weights(out)
     model = load_model(ckpt)
     cfg = model.config
-    assert sum(1 for s in weights if 16 in s) == 2 * len(meta["ranks"])
+    assert sum(1 for s in weights if s[0] == 16) == len(meta["ranks"])
     assert not any(s == (cfg.hidden_size, cfg.intermediate_size) for s in weights)
+    layers = cfg.num_hidden_layers
+    assert meta["fusions"]["matmul_groups"] == 2 * layers  # q/k/v and gate/up of every block
+    assert meta["fusions"]["norm_ops"] >= 2 * layers + 1
 
     ids = torch.randint(3, cfg.vocab_size, (1, 11), generator=torch.Generator().manual_seed(1))
     want = list(generate_tokens(model, ids, GREEDY))
@@ -120,7 +125,8 @@ def test_dense_model_exports(tmp_path: Path) -> None:
     assert not meta["factored"] and meta["validation"]["argmax_mismatches"] == 0
     model = load_model(dense)
     weights = _matmul_weights(tmp_path / "out")
-    assert (model.config.hidden_size, model.config.intermediate_size) in weights
+    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    assert (inter, hidden) in weights and (hidden, 2 * inter) in weights  # gate and up joined: one MatMul
     assert list(OnnxGenerator(tmp_path / "out", device="cpu").generate_tokens([4, 5, 6], GREEDY)) == \
         list(generate_tokens(model, torch.tensor([[4, 5, 6]]), GREEDY))
 

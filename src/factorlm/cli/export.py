@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="MatMulNBits accuracy_level of quantized MatMuls: 0/1 fp32 compute (default for a "
                         "quantized checkpoint, validated exact), 2 fp16, 3 bf16, 4 int8 activations (faster; "
                         "default with --int8)")
+    o.add_argument("--no-fuse", action="store_true",
+                   help="keep the traced graph: no RMSNorm fusion, no joining of MatMuls that share an input")
     o.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch logit check")
     o.add_argument("--external-data", action="store_true", default=None,
                    help="store weights in model.onnx.data (automatic above 1 GiB of weights)")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     meta = export_onnx(path, args.output, opset=args.opset, dtype=args.dtype, int8=args.int8,
                        validate=not args.no_validate, overwrite=args.overwrite,
                        external_data=args.external_data, threads=args.threads,
-                       accuracy_level=args.accuracy_level)
+                       accuracy_level=args.accuracy_level, fuse=not args.no_fuse)
     v = meta.get("validation")
     check = (f"validated: max |dlogit| {v['max_abs_diff']:.3g} at {v['where']}, "
              f"{v['argmax_mismatches']} argmax mismatches / {v['compared_positions']} positions" if v else "not validated")

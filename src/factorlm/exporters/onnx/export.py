@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ...runtime.format import FactorlmError, read_factored_config
+from .fuse import fuse_file
 from .graph import CacheShape, FlatDecoder, dynamic_shapes, example_inputs, input_names, output_names
 from .metadata import METADATA_FILE, build_metadata, genai_config, save_onnx, write_json
 from .validate import validate_graph, worst_as_dict
@@ -142,13 +143,15 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 dtype: str = "fp32", int8: bool = False, validate: bool = True, overwrite: bool = False,
                 external_data: bool | None = None, threads: int | None = None,
-                accuracy_level: int | None = None) -> dict[str, Any]:
+                accuracy_level: int | None = None, fuse: bool = True) -> dict[str, Any]:
     """Export, validate and atomically write the ONNX folder; return its metadata dict.
 
     A quantized checkpoint (format version 2) is exported from its stored codes and scales
     (:mod:`.quant`); ``int8``/``fp16`` do not apply to it. ``accuracy_level`` is given to
     every MatMulNBits node (default: 0 for stored codes, fp32 compute and validated to fp32
     tolerance; 4 for ``int8``); levels other than 0 and 1 are validated to the int8 tolerance.
+    ``fuse`` rewrites RMSNorms into one op each and joins the MatMuls that share an input
+    (:mod:`.fuse`); the graph computes the same function, with fewer nodes.
     """
     from .quant import check_exportable, insert_stored_codes, quant_metadata, stored_weights
 
@@ -186,11 +189,14 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
         path = tmp / MODEL_FILE
         log.info("exporting %s (opset %d, %s%s)", model_dir, opset, dtype, ", int8" if int8 else "")
         trace_to_onnx(model, path, opset, external_data)
+        fusions = fuse_file(path, external_data, model.config, norms=True) if fuse else {}
         if dtype == "fp16":
             to_fp16(path, external_data)
         if int8:
             quantize_int8(path, external_data, accuracy_level=accuracy_level)
         n_quant = insert_stored_codes(path, stored, external_data, accuracy_level) if stored else 0
+        if fuse:  # last: the MatMuls have their final form (fp32, fp16 or MatMulNBits)
+            fusions.update(fuse_file(path, external_data, model.config, matmuls=True))
         export_s = time.perf_counter() - started
         report = None
         if validate:
@@ -202,6 +208,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
         meta = build_metadata(model.config, dtype=dtype, int8=int8, opset=opset, source=model_dir.name,
                               ranks=block.ranks if block else None, external_data=external_data,
                               validation=report, export_s=export_s)
+        meta["fusions"] = fusions
         if stored:
             meta["quantization"] = quant_metadata(block, n_quant, accuracy_level)
         copy_side_files(model_dir, tmp)
