@@ -46,11 +46,10 @@ def onnx_export(folder: Path, workdir: Path, threads: int) -> Path:
     """An ONNX export of ``folder``: itself if it is one, else exported once (``factorlm export onnx``) and cached."""
     if (folder / "factorlm_onnx.json").is_file():
         return folder
-    from factorlm.bench.engines import folder_fingerprint
-    from factorlm.sample_model import cache_root
+    from factorlm.bench.engines import export_cache_dir, folder_fingerprint
 
     temporary = str(folder).startswith(str(workdir))
-    out = (workdir if temporary else cache_root() / "bench-onnx") / f"{folder.name}-{folder_fingerprint(folder)}"
+    out = workdir / f"{folder.name}-{folder_fingerprint(folder)}" if temporary else export_cache_dir(folder)
     if not (out / "factorlm_onnx.json").is_file():
         print(f"exporting {display(folder)} to ONNX at {display(out)} ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "factorlm", "export", "onnx", str(folder), "-o", str(out),

@@ -57,3 +57,26 @@ def test_quantized_lm_head_greedy_parity(vllm_module, tmp_path, bits, group, ran
 def _head_state(model) -> tuple[str, bool]:
     """(method class, whether the codes are still held) of the loaded model's lm_head."""
     return type(model.lm_head.quant_method).__name__, hasattr(model.lm_head, "weight_qweight")
+
+
+def test_int8_embeddings_greedy_parity(vllm_module, tmp_path) -> None:
+    """``--embeddings`` (format version 3): vLLM loads the embedding's int8 rows and scales, not a ``weight``."""
+    import json
+
+    src = write_tiny_factored(tmp_path / "factored", "llama", ranks=mixed_ranks(), tie_word_embeddings=True)
+    path = tmp_path / "q"
+    quantize_checkpoint(src, path, bits=8, lm_head=True, embeddings=True)
+    block = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert block["format_version"] == 3 and block["quantized_embeddings"] == ["model.embed_tokens"]
+    prompts = prompt_ids(path)
+    llm = make_llm(path)
+    try:
+        assert llm.apply_model(_embedding_state) == [("QuantizedHeadMethod", False)]
+        assert vllm_tokens(llm, prompts) == reference_tokens(path, prompts)
+    finally:
+        shutdown(llm)
+
+
+def _embedding_state(model) -> tuple[str, bool]:
+    emb = model.model.embed_tokens
+    return type(emb.quant_method).__name__, hasattr(emb, "weight_qweight")

@@ -130,13 +130,20 @@ def folder_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def export_cache_dir(model_dir: Path, suffix: str = "") -> Path:
+    """Where the benchmarks cache an ONNX export of ``model_dir``: named by its fingerprint and the
+    exporter's graph revision, so an export by an older exporter is not reused."""
+    from ..exporters.onnx.export import GRAPH_REVISION
+    from ..sample_model import cache_root
+
+    return cache_root() / "bench-onnx" / f"{model_dir.name}-{folder_fingerprint(model_dir)}-g{GRAPH_REVISION}{suffix}"
+
+
 def onnx_folder(model_dir: Path, variant: str, config: BenchConfig) -> Path:
     """The ONNX export to run: given with ``onnx_dirs``, else cached by fingerprint, exported once."""
     if variant in config.onnx_dirs:
         return config.onnx_dirs[variant]
-    from ..sample_model import cache_root
-
-    out = cache_root() / "bench-onnx" / f"{model_dir.name}-{folder_fingerprint(model_dir)}"
+    out = export_cache_dir(model_dir)
     if not (out / "factorlm_onnx.json").is_file():
         from ..exporters.onnx import export_onnx
 

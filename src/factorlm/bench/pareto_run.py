@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engines import OnnxRunner, folder_fingerprint
+from .engines import OnnxRunner, export_cache_dir, folder_fingerprint
 from .footprint import ModelFootprint
 from .offline import display_path, run_offline
 from .pareto import compress_args, load_score, recipe_hash, save_score, score_key, validate_recipe
@@ -38,11 +38,9 @@ def load_onnx_int8(model_dir: Path, variant: str, config: BenchConfig) -> OnnxRu
     except ImportError as exc:
         raise EngineUnavailable(f"onnxruntime is not installed ({exc}); install the 'onnx' extra") from exc
     from ..exporters.onnx import export_onnx
-    from ..sample_model import cache_root
-
     from ..runtime.format import read_factored_config
 
-    out = cache_root() / "bench-onnx" / f"{model_dir.name}-{folder_fingerprint(model_dir)}-int8"
+    out = export_cache_dir(model_dir, "-int8")
     if not (out / "factorlm_onnx.json").is_file():
         block = read_factored_config(model_dir)
         if block is not None and block.quantized:
@@ -117,12 +115,18 @@ def quality(path: Path, tokenizer_dir: Path, cfg: ParetoConfig) -> dict[str, Any
     return out
 
 
+def _graph_revision() -> int:
+    from ..exporters.onnx.export import GRAPH_REVISION
+
+    return GRAPH_REVISION
+
+
 def speed(dense: Path, factored: Path, cfg: ParetoConfig) -> dict[str, Any]:
     """One interleaved ``run_offline`` pass of dense and ``factored`` (cached by both fingerprints and settings)."""
     s = cfg.speed
     key = score_key({"kind": "speed", "dense": folder_fingerprint(dense), "factored": folder_fingerprint(factored),
                      "engines": s.engines, "batches": s.batches, "prompt": s.prompt_tokens, "new": s.new_tokens,
-                     "repeats": s.repeats, "threads": s.threads, "gguf": str(s.gguf)})
+                     "repeats": s.repeats, "threads": s.threads, "gguf": str(s.gguf), "onnx_graph": _graph_revision()})
     if cfg.cache and (hit := load_score(cfg.cache, key)):
         log.info("speed of %s from cache", factored)
         return hit

@@ -210,10 +210,11 @@ def check_args(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe
         from .quantize import check_factor_flags
 
         check_factor_flags(args, recipe.rank_multiple)
-    elif getattr(args, "lm_head", False) or getattr(args, "group_size", None) is not None:
+    elif any(getattr(args, f, None) for f in ("lm_head", "embeddings")) or getattr(args, "group_size", None) is not None:
         from ..runtime.format import FactorlmError
 
-        flag = "--lm-head" if args.lm_head else "--group-size"
+        flag = next((f"--{f.replace('_', '-')}" for f in ("lm_head", "embeddings") if getattr(args, f, None)),
+                    "--group-size")
         raise FactorlmError(f"{flag} applies to quantized factors; pass --factor-bits 8|4 with it")
     from ..compressor import check_recipe
 

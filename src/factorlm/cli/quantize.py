@@ -39,7 +39,10 @@ def add_quant_flags(p: argparse.ArgumentParser, bits_flag: str, required: bool =
                    help="round to nearest (default) or GPTQ error feedback with calibration Grams")
     p.add_argument("--lm-head", action="store_true",
                    help="also quantize the LM head, read once per generated token (a head tied to the "
-                        "embeddings is untied; the embeddings stay in floating point)")
+                        "embeddings is untied; the embeddings stay in floating point unless --embeddings)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also store the input embeddings as int8 rows with per-row scales (a tied model needs "
+                        "--lm-head too)")
     if bits_flag == "--bits":  # compress has its own calibration flags
         p.add_argument("--calib", default="sample", help="calibration text for gptq (default: built-in sample text)")
         p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration windows (default 32)")
@@ -72,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     info = quantize_checkpoint(src, args.output, bits=args.bits, group_size=group, rounding=args.rounding,
                                dense=args.dense, calib=args.calib, calib_samples=args.calib_samples,
                                calib_len=args.calib_len, seed=args.seed, overwrite=args.overwrite,
-                               lm_head=args.lm_head, progress=not args.no_progress)
-    print(f"quantized {info['modules']} modules{' (LM head included)' if args.lm_head else ''} to int{args.bits}"
+                               lm_head=args.lm_head, embeddings=args.embeddings, progress=not args.no_progress)
+    extras = ", ".join(w for w, on in (("LM head", args.lm_head), ("int8 embeddings", args.embeddings)) if on)
+    print(f"quantized {info['modules']} modules{f' ({extras} included)' if extras else ''} to int{args.bits}"
           f"{f' (group {group})' if group else ''}, {args.rounding}; saved to {args.output}")
     return 0
 
@@ -102,4 +106,4 @@ def quantize_output(args: argparse.Namespace, path: object) -> None:
     quantize_checkpoint(path, path, bits=args.factor_bits, group_size=group_size_of(args, args.factor_bits),
                         rounding=args.rounding, calib=calib, calib_samples=args.calib_samples,
                         calib_len=args.calib_len, seed=args.seed, overwrite=True, lm_head=args.lm_head,
-                        progress=not args.no_progress)
+                        embeddings=args.embeddings, progress=not args.no_progress)

@@ -83,6 +83,17 @@ def untie_lm_head(model: nn.Module) -> None:
             cfg.tie_word_embeddings = False
 
 
+def check_embeddings(skeleton: nn.Module, lm_head: bool) -> None:
+    """``embeddings``: the input embeddings can be quantized only if no fp head shares their table."""
+    if not isinstance(skeleton.get_input_embeddings(), nn.Embedding):
+        raise FactorlmError(f"the model's input embeddings are a {type(skeleton.get_input_embeddings()).__name__}, "
+                            "not an Embedding; they cannot be quantized")
+    tied = any(getattr(c, "tie_word_embeddings", False) for c in (skeleton.config, skeleton.config.get_text_config()))
+    if tied and not lm_head:
+        raise FactorlmError("the LM head is tied to the input embeddings: quantizing the embeddings alone would "
+                            "leave the head without its weight; pass --lm-head as well (the head gets its own codes)")
+
+
 def check_targets(targets: dict[str, list[tuple[str, int]]], bits: int, group_size: int | None) -> None:
     """Every weight's input dimension fits the scheme; the error names the module and part."""
     for fqn, parts in targets.items():
@@ -211,13 +222,15 @@ def quantize_model(model: nn.Module, targets: list[str], bits: int, group_size: 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits: int, group_size: int | None = None,
                         rounding: str = "rtn", dense: bool = False, calib: str = "sample", calib_samples: int = 32,
                         calib_len: int = 512, seed: int = 0, overwrite: bool = False,
-                        options: QuantOptions | None = None, lm_head: bool = False,
+                        options: QuantOptions | None = None, lm_head: bool = False, embeddings: bool = False,
                         progress: bool = False) -> dict[str, Any]:
     """Quantize checkpoint ``src`` into ``out`` (may equal ``src`` with ``overwrite``); returns a summary.
 
     ``lm_head`` also quantizes the output projection (read once per generated token, a fifth
     of a small model's weights); a head tied to the input embeddings is untied, the embeddings
-    staying in floating point, so the checkpoint grows by the head's codes on disk.
+    staying in floating point, so the checkpoint grows by the head's codes on disk, unless
+    ``embeddings`` also stores the input embeddings as int8 rows (format version 3; a tied
+    model needs ``lm_head`` with it).
 
     ``options`` (:class:`~factorlm.runtime.quant.QuantOptions`, default all on) choose the
     codes: clipping search, GPTQ act-order, U/V balancing; they are recorded in
@@ -232,7 +245,10 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     block = check_source(src, dense)
     if out.exists() and not overwrite:
         raise FactorlmError(f"{out}: output directory exists; pass --overwrite to replace it")
-    targets = weight_shapes(block, _skeleton(src), dense, lm_head)
+    skeleton = _skeleton(src)
+    targets = weight_shapes(block, skeleton, dense, lm_head)
+    if embeddings:
+        check_embeddings(skeleton, lm_head)
     if not targets:
         raise FactorlmError(f"{src}: nothing to quantize (no factored modules, and no dense linears selected)")
     check_targets(targets, bits, group_size)
@@ -253,11 +269,16 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
         quantize_model(model, list(targets), bits, group_size, None, options)
     if lm_head:
         untie_lm_head(model)
+    if embeddings:
+        from ..runtime.quant_embedding import quantize_embeddings
+
+        quantize_embeddings(model)
     base = block or FactoredConfig(ranks={})
     config = FactoredConfig(ranks={}, dense=list(base.dense), producer=dict(base.producer), rounding=rounding,
                             bits=bits, group_size=group_size)
     extra: dict[str, str | bytes] = {name: (src / name).read_text() for name in SIDE_FILES if (src / name).is_file()}
     info = {"bits": bits, "group_size": group_size, "rounding": rounding, "modules": len(targets), "lm_head": lm_head,
+            "embeddings": embeddings,
             "options": options.to_dict(),
             "calibration": {"source": calib, "samples": calib_samples, "length": calib_len} if rounding == "gptq" else None}
     extra["factorlm_quantization.json"] = json.dumps(info, indent=2) + "\n"

@@ -311,7 +311,8 @@ def load_factored(
     if block.quantized:
         from .quant_linear import replace_with_quantized
 
-        replace_with_quantized(model, block.ranks, block.quantized_dense, int(block.bits or 0), block.group_size)
+        replace_with_quantized(model, block.ranks, block.quantized_dense, int(block.bits or 0), block.group_size,
+                               embeddings=block.quantized_embeddings)
     tensors, _ = read_tensors(root)
     _assign(model, tensors, dtype, device)
     _load_generation_config(model, root)

@@ -32,6 +32,13 @@ quantized too), and each factor or dense weight ``<fqn>.<w>`` (``w`` in ``weight
 packed two per uint8 [out, in / 2]) and ``<fqn>.<w>_scales`` (float32 [out] for int8,
 [out, in / group_size] for int4). Every factored module is quantized; the math is in
 :mod:`.quant`.
+
+Format version 3 adds quantized input embeddings: ``"quantized_embeddings": [fqn, ...]``
+(usually ``["model.embed_tokens"]``), each stored as ``<fqn>.weight_qweight`` (int8 [vocab,
+hidden]) and ``<fqn>.weight_scales`` (float32 [vocab], one scale per row) whatever ``bits``
+says: a lookup reads one row per token, so int4 would save little time and cost the most
+accuracy. Only an untied embedding can be quantized this way. A checkpoint without quantized
+embeddings stays version 2 (or 1), so older readers keep reading it.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from typing import Any
 QUANT_METHOD = "factorlm"
 FORMAT_VERSION = 1
 QUANTIZED_FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+EMBEDDINGS_FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 QUANT_BITS = (4, 8)
 ROUNDINGS = ("rtn", "gptq")
 QWEIGHT_SUFFIX = "_qweight"
@@ -106,10 +114,12 @@ class FactoredConfig:
     group_size: int | None = None
     rounding: str | None = None
     quantized_dense: list[str] = field(default_factory=list)
+    quantized_embeddings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.format_version is None:
-            self.format_version = QUANTIZED_FORMAT_VERSION if self.bits is not None else FORMAT_VERSION
+            self.format_version = (EMBEDDINGS_FORMAT_VERSION if self.quantized_embeddings else
+                                   QUANTIZED_FORMAT_VERSION if self.bits is not None else FORMAT_VERSION)
         validate_block_fields(self.ranks, self.dense, self.correctors, self.format_version)
         validate_corrector_ranks(self.ranks, self.correctors, self.corrector_ranks)
         validate_quant_fields(self)
@@ -134,6 +144,8 @@ class FactoredConfig:
         if self.quantized:
             block.update(bits=self.bits, group_size=self.group_size, rounding=self.rounding or "rtn",
                          quantized_dense=list(self.quantized_dense))
+        if self.quantized_embeddings:
+            block["quantized_embeddings"] = list(self.quantized_embeddings)
         return block
 
     @classmethod
@@ -166,6 +178,7 @@ class FactoredConfig:
                 group_size=block.get("group_size"),
                 rounding=block.get("rounding"),
                 quantized_dense=list(block.get("quantized_dense", [])),
+                quantized_embeddings=list(block.get("quantized_embeddings", [])),
             )
         except (AttributeError, TypeError) as exc:
             raise FormatError(f"{source}: malformed quantization_config: {exc}") from exc
@@ -192,15 +205,21 @@ def validate_block_fields(ranks: Any, dense: Any, correctors: str, version: int)
 
 
 def validate_quant_fields(block: "FactoredConfig") -> None:
-    """Version-2 fields: present exactly when quantized, with valid bits/group size/rounding."""
+    """Version-2/3 fields: present exactly when quantized, with valid bits/group size/rounding."""
+    qe = block.quantized_embeddings
+    if not isinstance(qe, list) or not all(isinstance(e, str) for e in qe):
+        raise FormatError("field 'quantized_embeddings' must be a list of module names")
     if block.bits is None:
-        if block.format_version == QUANTIZED_FORMAT_VERSION:
-            raise FormatError("format_version 2 (quantized) but field 'bits' is missing")
-        if block.group_size is not None or block.quantized_dense or block.rounding is not None:
-            raise FormatError("fields 'group_size'/'quantized_dense'/'rounding' need 'bits' (a quantized checkpoint)")
+        if block.format_version in (QUANTIZED_FORMAT_VERSION, EMBEDDINGS_FORMAT_VERSION):
+            raise FormatError(f"format_version {block.format_version} (quantized) but field 'bits' is missing")
+        if block.group_size is not None or block.quantized_dense or block.rounding is not None or qe:
+            raise FormatError("fields 'group_size'/'quantized_dense'/'quantized_embeddings'/'rounding' need 'bits' "
+                              "(a quantized checkpoint)")
         return
-    if block.format_version != QUANTIZED_FORMAT_VERSION:
-        raise FormatError(f"field 'bits' needs format_version {QUANTIZED_FORMAT_VERSION}, got {block.format_version}")
+    want = EMBEDDINGS_FORMAT_VERSION if qe else QUANTIZED_FORMAT_VERSION
+    if block.format_version != want:
+        what = "field 'quantized_embeddings'" if qe else "field 'bits' without 'quantized_embeddings'"
+        raise FormatError(f"{what} needs format_version {want}, got {block.format_version}")
     if isinstance(block.bits, bool) or block.bits not in QUANT_BITS:
         raise FormatError(f"field 'bits' is {block.bits!r}; expected 4 or 8")
     g = block.group_size
@@ -218,6 +237,9 @@ def validate_quant_fields(block: "FactoredConfig") -> None:
     overlap = sorted(set(qd) & set(block.ranks))
     if overlap:
         raise FormatError(f"modules listed both in 'ranks' and 'quantized_dense': {overlap[:5]}")
+    overlap = sorted(set(qe) & (set(block.ranks) | set(qd) | set(block.dense)))
+    if overlap:
+        raise FormatError(f"modules listed in 'quantized_embeddings' and as linear layers: {overlap[:5]}")
 
 
 def validate_corrector_ranks(ranks: dict[str, int], correctors: str, corrector_ranks: Any) -> None:

@@ -116,7 +116,7 @@ def register_with_transformers(qauto: ModuleType | None = None) -> None:
                 from .quant_linear import replace_with_quantized
 
                 replace_with_quantized(model, block.ranks, block.quantized_dense, int(block.bits or 0),
-                                       block.group_size)
+                                       block.group_size, embeddings=block.quantized_embeddings)
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             from .quant_linear import prepare_quantized

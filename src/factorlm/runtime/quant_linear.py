@@ -223,8 +223,13 @@ def quantized_modules(model: nn.Module) -> dict[str, _QuantizedBase]:
 
 
 def replace_with_quantized(model: nn.Module, ranks: dict[str, int], dense: list[str], bits: int,
-                           group_size: int | None, device: torch.device | str = "meta") -> None:
-    """Swap the named (factored or dense) linears for empty quantized layers, ready for ``load_state_dict``."""
+                           group_size: int | None, device: torch.device | str = "meta",
+                           embeddings: list[str] | tuple[str, ...] = ()) -> None:
+    """Swap the named (factored or dense) linears, and ``embeddings``, for empty quantized modules,
+    ready for ``load_state_dict``."""
+    from .quant_embedding import replace_embeddings
+
+    replace_embeddings(model, list(embeddings), device)
     for fqn, rank in ranks.items():
         m = model.get_submodule(fqn)
         _set_child(model, fqn, QuantizedFactoredLinear(m.in_features, m.out_features, rank, bits, group_size,
@@ -251,8 +256,11 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized layer by the fp layer its stored codes stand for (in place).
 
     Exporters that need plain weights (vLLM; ONNX before it re-inserts the stored codes)
-    trace this; the values are exactly codes * scales.
+    trace this; the values are exactly codes * scales. Quantized embeddings too.
     """
+    from .quant_embedding import dequantize_embeddings
+
+    dequantize_embeddings(model)
     for fqn, layer in quantized_modules(model).items():
         fp = layer.to_factored() if isinstance(layer, QuantizedFactoredLinear) else layer.to_linear()
         _set_child(model, fqn, fp)
@@ -268,5 +276,8 @@ def quant_fields(model: nn.Module, rounding: str | None) -> dict[str, Any]:
     if len(schemes) > 1:
         raise FormatError(f"quantized layers mix schemes {sorted(schemes, key=str)}; one (bits, group size) per checkpoint")
     bits, group = schemes.pop()
+    from .quant_embedding import quantized_embeddings
+
     return {"bits": bits, "group_size": group, "rounding": rounding or "rtn",
-            "quantized_dense": [n for n, m in layers.items() if isinstance(m, QuantizedLinear)]}
+            "quantized_dense": [n for n, m in layers.items() if isinstance(m, QuantizedLinear)],
+            "quantized_embeddings": list(quantized_embeddings(model))}

@@ -151,6 +151,7 @@ def expected_tensors(model: Any, block: FactoredConfig, where: str) -> tuple[dic
             continue
         expected.pop(f"{fqn}.weight", None)
         problems += _expect_quantized(expected, block, fqn, "weight", module.out_features, module.in_features, where)
+    problems += _expect_embeddings(model, block, expected, bad, tied, where)
     for fqn in block.dense:
         try:
             module = model.get_submodule(fqn)
@@ -160,6 +161,34 @@ def expected_tensors(model: Any, block: FactoredConfig, where: str) -> tuple[dic
         if not isinstance(module, nn.Linear):
             problems.append(f"{where}: module {fqn!r} listed in 'dense' is a {type(module).__name__}, not a Linear")
     return expected, problems, bad
+
+
+def _expect_embeddings(model: Any, block: FactoredConfig, expected: dict[str, Expected], bad: set[str],
+                       tied: dict[str, str], where: str) -> list[str]:
+    """int8 rows + per-row scales in place of each listed embedding's table (format version 3)."""
+    from torch import nn
+
+    problems = []
+    for fqn in block.quantized_embeddings:
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.Embedding):
+            what = "does not exist" if module is None else f"is a {type(module).__name__}, not an embedding"
+            problems.append(f"{where}: module {fqn!r} listed in 'quantized_embeddings' {what} in {type(model).__name__}")
+            bad.add(fqn)
+            continue
+        if f"{fqn}.weight" in tied.values() or f"{fqn}.weight" in tied:
+            problems.append(f"{where}: module {fqn!r} listed in 'quantized_embeddings' is tied to the LM head "
+                            f"(tie_word_embeddings); only an untied embedding can be quantized")
+            bad.add(fqn)
+            continue
+        expected.pop(f"{fqn}.weight", None)
+        expected[qweight_key(fqn, "weight")] = Expected((module.num_embeddings, module.embedding_dim), False,
+                                                        dtype="int8")
+        expected[scales_key(fqn, "weight")] = Expected((module.num_embeddings,), True)
+    return problems
 
 
 def _expect_quantized(expected: dict[str, Expected], block: FactoredConfig, fqn: str, part: str,
@@ -231,6 +260,9 @@ def _unexpected_problems(model: Any, headers: dict[str, TensorHeader], expected:
         elif suffix == "weight" and module in block.quantized_dense:
             others.append(f"{file}: tensor {name!r} is the unquantized weight of module {module!r}, which "
                           f"'quantized_dense' in config.json lists as quantized")
+        elif suffix == "weight" and module in block.quantized_embeddings:
+            others.append(f"{file}: tensor {name!r} is the unquantized table of module {module!r}, which "
+                          f"'quantized_embeddings' in config.json lists as quantized")
         elif suffix in CORRECTOR_SUFFIXES:
             others.append(f"{file}: tensor {name!r} is a corrector of module {module!r}, which 'corrector_ranks' "
                           f"in config.json does not list")

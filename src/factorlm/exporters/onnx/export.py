@@ -40,6 +40,9 @@ EXACT_ACCURACY_LEVELS = (0, 1)
 MODEL_FILE = "model.onnx"
 # protobuf caps a single file at 2 GiB; above this many weight bytes write external data
 EXTERNAL_DATA_BYTES = 1 << 30
+# what the exporter writes besides the IO contract (which METADATA_VERSION covers): bumped when
+# the graph changes (2: fused RMSNorms and shared-input MatMuls), so caches of exports can tell
+GRAPH_REVISION = 2
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data")
 
 
@@ -153,7 +156,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
     ``fuse`` rewrites RMSNorms into one op each and joins the MatMuls that share an input
     (:mod:`.fuse`); the graph computes the same function, with fewer nodes.
     """
-    from .quant import check_exportable, insert_stored_codes, quant_metadata, stored_weights
+    from .quant import (check_exportable, insert_stored_codes, insert_stored_embeddings, quant_metadata,
+                        stored_embeddings, stored_weights)
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_request(model_dir, out_dir, opset, dtype, overwrite, accuracy_level)
@@ -173,8 +177,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
                         model_dir, block.bits)
     started = time.perf_counter()
     model = _load(model_dir)
-    stored = stored_weights(model)
-    if stored:
+    stored, stored_emb = stored_weights(model), stored_embeddings(model)
+    if stored or stored_emb:
         from ...runtime.quant_linear import dequantize_model
 
         check_exportable(stored)
@@ -195,6 +199,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
         if int8:
             quantize_int8(path, external_data, accuracy_level=accuracy_level)
         n_quant = insert_stored_codes(path, stored, external_data, accuracy_level) if stored else 0
+        n_emb = insert_stored_embeddings(path, stored_emb, external_data) if stored_emb else 0
         if fuse:  # last: the MatMuls have their final form (fp32, fp16 or MatMulNBits)
             fusions.update(fuse_file(path, external_data, model.config, matmuls=True))
         export_s = time.perf_counter() - started
@@ -208,9 +213,9 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
         meta = build_metadata(model.config, dtype=dtype, int8=int8, opset=opset, source=model_dir.name,
                               ranks=block.ranks if block else None, external_data=external_data,
                               validation=report, export_s=export_s)
-        meta["fusions"] = fusions
+        meta["graph_revision"], meta["fusions"] = GRAPH_REVISION, fusions
         if stored:
-            meta["quantization"] = quant_metadata(block, n_quant, accuracy_level)
+            meta["quantization"] = quant_metadata(block, n_quant, accuracy_level, n_emb)
         copy_side_files(model_dir, tmp)
         write_json(tmp / METADATA_FILE, meta)
         write_json(tmp / "genai_config.json", genai_config(model.config, dtype, tmp))

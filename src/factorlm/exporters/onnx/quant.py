@@ -13,6 +13,10 @@ the checkpoint's own integers and scales; nothing is re-quantized.
   bytes (offset 8, even column in the low nibble) are ORT's layout already and are handed
   over unchanged. The kernel needs a power-of-two group size >= 16.
 
+Quantized embeddings (format version 3) become ``Gather`` on the int8 rows, ``Cast`` to
+float and ``Mul`` by the gathered per-row scales: the graph stores and reads what the
+checkpoint holds, and computes exactly ``codes * scale`` per looked-up row.
+
 The weight a MatMul uses is found by value: the exporter folds ``W^T`` into a fresh
 initializer, so each stored weight is matched by a digest of its dequantized ``W^T``.
 ``accuracy_level`` 0 computes in fp32 (logits match the torch runtime to fp32 rounding);
@@ -67,6 +71,69 @@ def stored_weights(model: nn.Module) -> dict[str, StoredWeight]:
                 f"{fqn}.{part}", getattr(layer, f"{part}_qweight").detach().cpu(),
                 getattr(layer, f"{part}_scales").detach().float().cpu(), layer.bits, layer.group_size, w.shape[1])
     return found
+
+
+@dataclass
+class StoredEmbedding:
+    """One int8 embedding table as the checkpoint holds it."""
+
+    name: str
+    qweight: torch.Tensor  # int8 [vocab, hidden]
+    scales: torch.Tensor  # fp32 [vocab]
+
+
+def stored_embeddings(model: nn.Module) -> dict[str, StoredEmbedding]:
+    """{digest of the dequantized table: stored table} for every quantized embedding of ``model``."""
+    from ...runtime.quant_embedding import quantized_embeddings
+
+    return {_digest(layer.dequantized(torch.float32).numpy()): StoredEmbedding(
+                fqn, layer.weight_qweight.detach().cpu(), layer.weight_scales.detach().float().cpu())
+            for fqn, layer in quantized_embeddings(model).items()}
+
+
+def insert_stored_embeddings(path: Path, stored: dict[str, StoredEmbedding], external_data: bool) -> int:
+    """Rewrite each Gather on a quantized embedding's table to Gather(int8) -> Cast -> Mul(gathered scales)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .metadata import save_onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, done = [], set()
+    for node in graph.node:
+        table = node.input[0] if node.op_type == "Gather" and len(node.input) == 2 else None
+        arr = numpy_helper.to_array(inits[table]) if table in inits else None
+        s = stored.get(_digest(arr)) if arr is not None and arr.ndim == 2 else None
+        if s is None or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            new_nodes.append(node)
+            continue
+        stem = f"{s.name}.int8"
+        if s.name not in done:
+            graph.initializer.extend([numpy_helper.from_array(s.qweight.numpy(), f"{stem}.codes"),
+                                      numpy_helper.from_array(s.scales.numpy().reshape(-1, 1), f"{stem}.scales")])
+        ids, out = node.input[1], node.output[0]
+        new_nodes += [
+            helper.make_node("Gather", [f"{stem}.codes", ids], [f"{out}.codes"], name=f"{node.name}_codes", axis=0),
+            helper.make_node("Gather", [f"{stem}.scales", ids], [f"{out}.scales"], name=f"{node.name}_scales", axis=0),
+            helper.make_node("Cast", [f"{out}.codes"], [f"{out}.float"], name=f"{node.name}_cast",
+                             to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{out}.float", f"{out}.scales"], [out], name=f"{node.name}_dequant"),
+        ]
+        done.add(s.name)
+    missing = {s.name for s in stored.values()} - done
+    if missing:
+        raise FactorlmError(f"ONNX export: no Gather found for quantized embeddings {sorted(missing)}")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {x for n in graph.node for x in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    save_onnx(model, path, external_data)
+    log.info("wrote %d embedding lookups on int8 rows from the stored codes", len(done))
+    return len(done)
 
 
 def check_exportable(stored: dict[str, StoredWeight]) -> None:
@@ -141,6 +208,7 @@ def insert_stored_codes(path: Path, stored: dict[str, StoredWeight], external_da
     return len(replaced)
 
 
-def quant_metadata(block: Any, count: int, accuracy_level: int) -> dict[str, Any]:
+def quant_metadata(block: Any, count: int, accuracy_level: int, embeddings: int = 0) -> dict[str, Any]:
     return {"bits": block.bits, "group_size": block.group_size, "rounding": block.rounding, "matmuls": count,
+            "int8_embeddings": embeddings,
             "op": "com.microsoft.MatMulNBits", "accuracy_level": accuracy_level, "source": "stored codes and scales"}

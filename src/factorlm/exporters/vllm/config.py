@@ -6,7 +6,9 @@ and builds this class with :meth:`FactorlmVllmConfig.from_config` (an unknown
 model is built, every linear asks :meth:`get_quant_method` with its vLLM name; fused
 layers (``qkv_proj``, ``gate_up_proj``) are mapped back to the checkpoint's pieces through
 the model's ``packed_modules_mapping``, each piece with its own rank or dense. A quantized
-LM head (``lm_head`` in ``quantized_dense``) gets the head method of ``head.py``.
+LM head (``lm_head`` in ``quantized_dense``) gets the head method of ``head.py``, and so do
+int8 input embeddings (``quantized_embeddings``, format version 3): the same vocab-sharded
+codes and per-row scales, dequantized at load.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class FactorlmVllmConfig(QuantizationConfig):
         self.block = block
         self.ranks: dict[str, int] = dict(block.ranks)
         self.quantized_dense: set[str] = set(block.quantized_dense)
+        self.quantized_embeddings: set[str] = set(block.quantized_embeddings)
 
     def __repr__(self) -> str:
         return f"FactorlmVllmConfig(format_version={self.block.format_version}, factored_modules={len(self.ranks)})"
@@ -62,6 +65,8 @@ class FactorlmVllmConfig(QuantizationConfig):
         self.ranks = hf_to_vllm_mapper.apply_dict(self.ranks)
         if self.quantized_dense:
             self.quantized_dense = set(hf_to_vllm_mapper.apply_list(sorted(self.quantized_dense)))
+        if self.quantized_embeddings:
+            self.quantized_embeddings = set(hf_to_vllm_mapper.apply_list(sorted(self.quantized_embeddings)))
 
     def piece_names(self, prefix: str) -> list[str]:
         """Checkpoint names of the pieces of the vLLM layer ``prefix`` (one unless fused)."""
@@ -80,7 +85,11 @@ class FactorlmVllmConfig(QuantizationConfig):
                 from .head import QuantizedHeadMethod
 
                 return QuantizedHeadMethod(int(self.block.bits or 0), self.block.group_size)
-            return None  # embeddings and an fp lm_head: unquantized
+            if prefix and prefix in self.quantized_embeddings:  # `quantize --embeddings`: int8 rows, per-row scales
+                from .head import QuantizedHeadMethod
+
+                return QuantizedHeadMethod(8, None)
+            return None  # fp embeddings and an fp lm_head: unquantized
         if not isinstance(layer, LinearBase):
             return None  # attention and the rest: unquantized
         names = self.piece_names(prefix)
