@@ -76,6 +76,15 @@ class FactorlmVllmConfig(QuantizationConfig):
             return [prefix]
         return [f"{parent}.{piece}" if parent else piece for piece in pieces]
 
+    def _is_input_embedding(self, layer: torch.nn.Module, prefix: str) -> bool:
+        """The model's input embeddings: listed by name, or (as Llama builds them) the vocab-parallel
+        embedding created without a prefix that is not the LM head."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        if isinstance(layer, ParallelLMHead):
+            return False
+        return prefix in self.quantized_embeddings or not prefix
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -85,8 +94,8 @@ class FactorlmVllmConfig(QuantizationConfig):
                 from .head import QuantizedHeadMethod
 
                 return QuantizedHeadMethod(int(self.block.bits or 0), self.block.group_size)
-            if prefix and prefix in self.quantized_embeddings:  # `quantize --embeddings`: int8 rows, per-row scales
-                from .head import QuantizedHeadMethod
+            if self.quantized_embeddings and self._is_input_embedding(layer, prefix):
+                from .head import QuantizedHeadMethod  # `quantize --embeddings`: int8 rows, per-row scales
 
                 return QuantizedHeadMethod(8, None)
             return None  # fp embeddings and an fp lm_head: unquantized
