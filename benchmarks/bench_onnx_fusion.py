@@ -3,8 +3,9 @@
 Every model given is exported twice (``fuse=True``, the default, and ``fuse=False``: the traced
 graph), fp32 or, with ``--int8``, weight-only int8 (MatMulNBits, accuracy level 4; a checkpoint
 that is already quantized runs its stored codes at level 4). All exports are timed round-robin
-in the same rounds; decode tok/s = batch x (new - 1) / decode time, median of the rounds. The
-first model is the reference of the "vs first" column (same graph kind, same batch).
+in the same rounds; decode tok/s = batch x (new - 1) / decode time, median of the rounds; each
+ratio is the median of the per-round ratios (both sides timed in the same round). The first
+model is the reference of the "vs first" columns (same graph kind, same batch).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_onnx_fusion.py dense=DIR k0.8=DIR [--int8] --name onnx_fusion
 """
@@ -52,7 +53,8 @@ def main(argv: list[str]) -> int:
     from factorlm.bench.runner import BenchConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="+", help="NAME=DIR, the first is the reference")
+    p.add_argument("models", nargs="*", help="NAME=DIR, the first is the reference")
+    p.add_argument("--report", type=Path, help="rewrite the report of an earlier run's JSON (no timing)")
     p.add_argument("--int8", action="store_true", help="weight-only int8 exports of unquantized models")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -62,6 +64,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--work", type=Path, default=None, help="export cache (default: ~/.cache/factorlm/onnx-fusion)")
     p.add_argument("--name", default="onnx_fusion")
     args = p.parse_args(argv)
+    if args.report:
+        write_report(json.loads(args.report.read_text()), args.report.stem)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from factorlm.sample_model import cache_root
 
@@ -89,38 +94,58 @@ def main(argv: list[str]) -> int:
                 samples.setdefault((*key, batch), []).append(batch * (args.new_tokens - 1) / t.decode_s)
     for runner in runners.values():
         runner.close()
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    first = next(iter(models))
-    rows = []
-    for name in models:
-        for batch in batches:
-            plain, fused = med[(name, "plain", batch)], med[(name, "fused", batch)]
-            rows.append({"model": name, "batch": batch, "plain_tok_s": plain, "fused_tok_s": fused,
-                         "fusion_speedup": fused / plain,
-                         "plain_vs_first": plain / med[(first, "plain", batch)],
-                         "fused_vs_first": fused / med[(first, "fused", batch)],
-                         "nodes_plain": info[name]["plain"]["nodes"], "nodes_fused": info[name]["fused"]["nodes"]})
     command = "OMP_NUM_THREADS=1 python benchmarks/bench_onnx_fusion.py " + " ".join(
         [*(f"{n}=..." for n in models), *(["--int8"] if args.int8 else []), f"--batches {args.batches}",
          f"--prompt-tokens {args.prompt_tokens}", f"--new-tokens {args.new_tokens}", f"--repeats {args.repeats}",
          f"--threads {args.threads}", f"--name {args.name}"])
-    result = {"command": command, "graphs": "int8" if args.int8 else "fp32", "rows": rows, "fusions": info,
+    result = {"command": command, "graphs": "int8" if args.int8 else "fp32", "fusions": info,
+              "models": list(models), "batches": batches, "settings": {k: getattr(args, k) for k in (
+                  "prompt_tokens", "new_tokens", "repeats", "threads")},
               "load_start": [round(x, 2) for x in load_start], "load_end": [round(x, 2) for x in os.getloadavg()],
               "samples": {f"{k[0]}/{k[1]}/b{k[2]}": v for k, v in samples.items()}}
+    write_report(result, args.name)
+    return 0
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per model and batch: median tok/s and the medians of the per-round ratios."""
+    s, first = result["samples"], result["models"][0]
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(s[a], s[b]))
+
+    rows = []
+    for name in result["models"]:
+        for batch in result["batches"]:
+            key = lambda model, kind: f"{model}/{kind}/b{batch}"  # noqa: E731
+            rows.append({"model": name, "batch": batch, "plain_tok_s": statistics.median(s[key(name, "plain")]),
+                         "fused_tok_s": statistics.median(s[key(name, "fused")]),
+                         "fusion_speedup": ratio(key(name, "fused"), key(name, "plain")),
+                         "plain_vs_first": ratio(key(name, "plain"), key(first, "plain")),
+                         "fused_vs_first": ratio(key(name, "fused"), key(first, "fused")),
+                         "nodes_plain": result["fusions"][name]["plain"]["nodes"],
+                         "nodes_fused": result["fusions"][name]["fused"]["nodes"]})
+    return rows
+
+
+def write_report(result: dict[str, Any], name: str) -> None:
+    """results/<name>.json (with the rows) and results/<name>.md."""
+    rows = result["rows"] = summarize(result)
+    first, st = result["models"][0], result["settings"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# ONNX graph fusions: decode tok/s ({result['graphs']} graphs)", "", f"`{command}`", "",
-             f"Median of {args.repeats} interleaved rounds, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
-             f"{args.threads} thread(s); load average {result['load_start'][0]} at start, {result['load_end'][0]} at end.",
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# ONNX graph fusions: decode tok/s ({result['graphs']} graphs)", "", f"`{result['command']}`", "",
+             f"Median of {st['repeats']} interleaved rounds (ratios: median of the per-round ratios), prompt "
+             f"{st['prompt_tokens']}, {st['new_tokens']} new tokens, {st['threads']} thread(s); load average "
+             f"{result['load_start'][0]} at start, {result['load_end'][0]} at end.",
              "", "| model | batch | nodes plain / fused | plain tok/s | fused tok/s | fused / plain | "
              f"plain vs {first} | fused vs {first} |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['nodes_plain']} / {r['nodes_fused']} | {r['plain_tok_s']:.1f} | "
                      f"{r['fused_tok_s']:.1f} | {r['fusion_speedup']:.2f}x | {r['plain_vs_first']:.2f}x | "
                      f"{r['fused_vs_first']:.2f}x |")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--one-pass", action="store_true",
                    help="GPTQ Grams from one pass of the unquantized model (default: block by block, sequential)")
     p.add_argument("--lm-head", action="store_true", help="quantize the LM head too in every quantized variant")
+    p.add_argument("--embeddings", action="store_true",
+                   help="int8 input embeddings too in every quantized variant (needs --lm-head on a tied model)")
     p.add_argument("--int4-group", type=int, default=32)
     p.add_argument("--variants", default="dense-fp32,dense-int8,fact-fp32,fact-int8-rtn,fact-int8-gptq,"
                                           "fact-int4-rtn,fact-int4-gptq")
@@ -96,7 +98,8 @@ def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from factorlm.runtime.quant import QuantOptions
 
     return {"dense": True, "calib": args.calib, "calib_samples": args.calib_samples, "calib_len": args.calib_len,
-            "options": QuantOptions(sequential=not args.one_pass), "lm_head": args.lm_head}
+            "options": QuantOptions(sequential=not args.one_pass), "lm_head": args.lm_head,
+            "embeddings": args.embeddings}
 
 
 def build_variant(name: str, args: argparse.Namespace, work: Path) -> Path:
@@ -239,7 +242,8 @@ def write_report(result: dict[str, Any], name: str) -> None:
              f"{result['config']['int4_group']}. GPTQ Grams from {result['config']['calib_samples']} x "
              f"{result['config']['calib_len']} tokens of {calib_name(result['config'].get('calib', 'sample'))}, "
              f"{'one pass of the unquantized model' if result['config'].get('one_pass') else 'block by block'}"
-             f"{'; LM head quantized too' if result['config'].get('lm_head') else ''}."
+             f"{'; LM head quantized too' if result['config'].get('lm_head') else ''}"
+             f"{'; input embeddings int8 too' if result['config'].get('embeddings') else ''}."
              + (f" Zero-shot: average accuracy over 6 tasks (piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
                 f"boolq), {result['config']['zeroshot_limit']} rows each." if result['config'].get('zeroshot_limit')
                 else ""), "",

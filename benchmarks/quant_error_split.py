@@ -5,6 +5,11 @@ input Grams from one pass of the unquantized model over the calibration text; U 
 the quantized V when V is quantized (as ``factorlm quantize`` does). Perplexity on the first
 ``--tokens`` tokens of the evaluation text (window 1024). Nothing is written but the result.
 
+``--transform`` first rewrites every layer's factors into another pair with the same product
+(no runtime cost): ``orth`` U Q and Q^T V for a random orthogonal Q of the rank dimension
+(spreads each rank channel's energy over all of them, as incoherence processing does);
+``balance`` scales rank channel j of U and V so that U's column and V's row have one norm.
+
     OMP_NUM_THREADS=1 python benchmarks/quant_error_split.py CKPT --calib CALIB.txt --text wiki.test.raw
 """
 
@@ -43,6 +48,24 @@ def quantize_parts(model: torch.nn.Module, names: list[str], grams: dict[str, to
             layer.weight_v.copy_(vq)
 
 
+def transform_factors(model: torch.nn.Module, names: list[str], kind: str, seed: int = 0) -> None:
+    """Replace (U, V) of every named layer by an equivalent pair: U Q, Q^T V (``orth``) or U D, D^-1 V (``balance``)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        layer = model.get_submodule(name)
+        u, v = layer.weight_u.detach().double(), layer.weight_v.detach().double()
+        if kind == "orth":
+            q, r = torch.linalg.qr(torch.randn(u.shape[1], u.shape[1], generator=gen, dtype=torch.float64))
+            q = q * torch.sign(torch.diagonal(r))
+            u, v = u @ q, q.T @ v
+        elif kind == "balance":
+            d = (v.norm(dim=1) / u.norm(dim=0).clamp_min(1e-30)).sqrt()
+            u, v = u * d, v / d[:, None]
+        with torch.no_grad():
+            layer.weight_u.copy_(u.float())
+            layer.weight_v.copy_(v.float())
+
+
 def main(argv: list[str]) -> int:
     from factorlm.compressor.calib_sources import calibration_windows
     from factorlm.compressor.quantize import collect_grams
@@ -57,6 +80,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group", type=int, default=32)
+    p.add_argument("--transform", choices=("none", "orth", "balance"), default="none",
+                   help="rewrite the factors into an equivalent pair before quantizing (see the docstring)")
     p.add_argument("--name", default="quant_error_split")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,6 +90,8 @@ def main(argv: list[str]) -> int:
     tok = load_tokenizer(args.checkpoint)
     text = read_text(args.text)
     names = [n for n, m in model.named_modules() if isinstance(m, FactoredLinear)]
+    if args.transform != "none":
+        transform_factors(model, names, args.transform)
     grams = collect_grams(model, names, calibration_windows(tok, args.calib, 32, 512, 0))
 
     def ppl(m: torch.nn.Module) -> float:
@@ -73,7 +100,7 @@ def main(argv: list[str]) -> int:
     group = args.group if args.bits == 4 else None
     rows = {"fp32": ppl(model)}
     cases = [("V only", "v", group, 0.01), ("U only", "u", group, 0.01), ("both", "uv", group, 0.01)]
-    if args.bits == 4:
+    if args.bits == 4 and args.transform == "none":
         cases += [("both, group 16", "uv", 16, 0.01), ("both, damping 1e-3", "uv", group, 1e-3),
                   ("both, damping 0.1", "uv", group, 0.1)]
     for label, parts, g, damp in cases:
@@ -84,9 +111,10 @@ def main(argv: list[str]) -> int:
         log.info("%s: ppl %.3f (%.0f s)", label, rows[label], time.perf_counter() - t0)
     command = (f"OMP_NUM_THREADS=1 python benchmarks/quant_error_split.py {args.checkpoint.name} --calib "
                f"{Path(args.calib).name} --text {args.text.name} --tokens {args.tokens} --bits {args.bits} "
-               f"--group {args.group}")
+               f"--group {args.group}" + (f" --transform {args.transform}" if args.transform != "none" else ""))
     result = {"command": command, "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
               "checkpoint": args.checkpoint.name, "bits": args.bits, "group": args.group, "tokens": args.tokens,
+              "transform": args.transform,
               "ppl": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
