@@ -39,8 +39,8 @@ def test_registered_under_factorlm(config_cls) -> None:
 
 def test_bad_blocks_fail_with_factorlm_messages(config_cls) -> None:
     block = FactoredConfig(ranks=dict(RANKS)).to_dict()
-    with pytest.raises(FactorlmError, match="unknown factorlm format_version 3"):
-        config_cls.from_config({**block, "format_version": 3})
+    with pytest.raises(FactorlmError, match="unknown factorlm format_version 4"):
+        config_cls.from_config({**block, "format_version": 4})
     with pytest.raises(FactorlmError, match="format_version 2 .quantized. but field 'bits' is missing"):
         config_cls.from_config({**block, "format_version": 2})
     with pytest.raises(FactorlmError, match="model.layers.0.mlp.up_proj.*invalid rank 0"):
