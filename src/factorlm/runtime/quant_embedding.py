@@ -108,18 +108,13 @@ def embedding_fqn(model: nn.Module) -> str:
     raise FactorlmError(f"{type(model).__name__}: input embeddings not found among its modules")
 
 
-def _set_child(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def replace_embeddings(model: nn.Module, fqns: list[str], device: torch.device | str = "meta") -> None:
     """Swap the named embeddings for empty quantized ones, ready for ``load_state_dict``."""
     for fqn in fqns:
         m = model.get_submodule(fqn)
         if not isinstance(m, nn.Embedding):
             raise FactorlmError(f"module {fqn!r} is a {type(m).__name__}, not an embedding")
-        _set_child(model, fqn, QuantizedEmbedding(m.num_embeddings, m.embedding_dim, m.padding_idx,
+        model.set_submodule(fqn, QuantizedEmbedding(m.num_embeddings, m.embedding_dim, m.padding_idx,
                                                   getattr(m, "embed_scale", None), device=device,
                                                   dtype=m.weight.dtype))
 
@@ -130,7 +125,7 @@ def quantize_embeddings(model: nn.Module) -> str:
     module = model.get_submodule(fqn)
     if isinstance(module, QuantizedEmbedding):
         raise FactorlmError(f"module {fqn!r}: the embeddings are quantized already")
-    _set_child(model, fqn, QuantizedEmbedding.from_embedding(module))
+    model.set_submodule(fqn, QuantizedEmbedding.from_embedding(module))
     return fqn
 
 
@@ -141,5 +136,5 @@ def quantized_embeddings(model: nn.Module) -> dict[str, QuantizedEmbedding]:
 def dequantize_embeddings(model: nn.Module) -> nn.Module:
     """Replace every quantized embedding by the fp embedding its codes stand for (in place)."""
     for fqn, layer in quantized_embeddings(model).items():
-        _set_child(model, fqn, layer.to_embedding())
+        model.set_submodule(fqn, layer.to_embedding())
     return model

@@ -24,6 +24,7 @@ from torch import nn
 from .factored_linear import FactoredLinear
 from .format import FormatError
 from .quant import QuantOptions
+from .quant_embedding import dequantize_embeddings, quantized_embeddings, replace_embeddings
 from .quant_kernels import PartInfo, QuantKernel, kernel_names, select_kernel
 
 QUANT_KERNELS = kernel_names()
@@ -227,8 +228,6 @@ def replace_with_quantized(model: nn.Module, ranks: dict[str, int], dense: list[
                            embeddings: list[str] | tuple[str, ...] = ()) -> None:
     """Swap the named (factored or dense) linears, and ``embeddings``, for empty quantized modules,
     ready for ``load_state_dict``."""
-    from .quant_embedding import replace_embeddings
-
     replace_embeddings(model, list(embeddings), device)
     for fqn, rank in ranks.items():
         m = model.get_submodule(fqn)
@@ -258,8 +257,6 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     Exporters that need plain weights (vLLM; ONNX before it re-inserts the stored codes)
     trace this; the values are exactly codes * scales. Quantized embeddings too.
     """
-    from .quant_embedding import dequantize_embeddings
-
     dequantize_embeddings(model)
     for fqn, layer in quantized_modules(model).items():
         fp = layer.to_factored() if isinstance(layer, QuantizedFactoredLinear) else layer.to_linear()
@@ -276,8 +273,6 @@ def quant_fields(model: nn.Module, rounding: str | None) -> dict[str, Any]:
     if len(schemes) > 1:
         raise FormatError(f"quantized layers mix schemes {sorted(schemes, key=str)}; one (bits, group size) per checkpoint")
     bits, group = schemes.pop()
-    from .quant_embedding import quantized_embeddings
-
     return {"bits": bits, "group_size": group, "rounding": rounding or "rtn",
             "quantized_dense": [n for n, m in layers.items() if isinstance(m, QuantizedLinear)],
             "quantized_embeddings": list(quantized_embeddings(model))}
