@@ -149,3 +149,13 @@ def test_damaged_checkpoint_names_the_embedding(tied, tmp_path):
     assert any("'model.embed_tokens' listed in 'quantized_embeddings' is tied to the LM head" in p for p in problems)
     with pytest.raises(FormatError, match="not an untied Linear"):  # the quantized head's problem comes first
         load_model(out)
+
+
+def test_inspect_says_how_the_weights_are_stored(tied, tmp_path, capsys):
+    out = tmp_path / "q"
+    quantize_checkpoint(tied, out, bits=8, lm_head=True, embeddings=True)
+    assert main(["inspect", str(out), "--verify"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("OK: ")
+    assert lines[1] == ("quantized (format version 3): 14 factored modules int8 per output channel, rtn; "
+                        "also the LM head, int8 embeddings")

@@ -31,9 +31,31 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report["totals"]))
     else:
         print(format_report(report))
+        line = quantization_line(Path(args.folder))
+        if line:
+            print(line)
     if args.plot:
         print(f"wrote {plot_kept_fraction(report, args.plot)}")
     return 0
+
+
+def quantization_line(root: Path) -> str:
+    """One line on how a quantized checkpoint stores its weights ('' for an unquantized one or a report file)."""
+    from ..runtime.format import read_factored_config
+
+    if not (root / "config.json").is_file():
+        return ""
+    block = read_factored_config(root)
+    if block is None or not block.quantized:
+        return ""
+    scheme = f"int{block.bits}" + (f" group {block.group_size}" if block.group_size else " per output channel")
+    heads = [m for m in block.quantized_dense if m.rpartition(".")[2] == "lm_head"]
+    dense = len(block.quantized_dense) - len(heads)
+    extras = [f"{dense} dense linears"] if dense else []
+    extras += ["the LM head"] if heads else []
+    extras += ["int8 embeddings"] if block.quantized_embeddings else []
+    return (f"quantized (format version {block.format_version}): {len(block.ranks)} factored modules {scheme}, "
+            f"{block.rounding}" + (f"; also {', '.join(extras)}" if extras else ""))
 
 
 def run_verify(root: Path) -> int:
@@ -61,4 +83,7 @@ def run_verify(root: Path) -> int:
             if summary["factored"] else "a dense model folder")
     print(f"OK: {root}: {summary['tensors']} tensors in {summary['files']} file{'s' if summary['files'] > 1 else ''} "
           f"match config.json ({summary['architecture']}, {kind})")
+    line = quantization_line(root)
+    if line:
+        print(line)
     return 0
