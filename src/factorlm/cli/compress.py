@@ -210,11 +210,11 @@ def check_args(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe
         from .quantize import check_factor_flags
 
         check_factor_flags(args, recipe.rank_multiple)
-    elif any(getattr(args, f, None) for f in ("lm_head", "embeddings")) or getattr(args, "group_size", None) is not None:
+    elif (getattr(args, "lm_head", False) or getattr(args, "embeddings", False)
+          or getattr(args, "group_size", None) is not None):
         from ..runtime.format import FactorlmError
 
-        flag = next((f"--{f.replace('_', '-')}" for f in ("lm_head", "embeddings") if getattr(args, f, None)),
-                    "--group-size")
+        flag = "--lm-head" if args.lm_head else "--embeddings" if args.embeddings else "--group-size"
         raise FactorlmError(f"{flag} applies to quantized factors; pass --factor-bits 8|4 with it")
     from ..compressor import check_recipe
 

@@ -156,8 +156,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
     ``fuse`` rewrites RMSNorms into one op each and joins the MatMuls that share an input
     (:mod:`.fuse`); the graph computes the same function, with fewer nodes.
     """
-    from .quant import (check_exportable, insert_stored_codes, insert_stored_embeddings, quant_metadata,
-                        stored_embeddings, stored_weights)
+    from .quant import check_exportable, insert_stored, quant_metadata, stored_embeddings, stored_weights
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_request(model_dir, out_dir, opset, dtype, overwrite, accuracy_level)
@@ -198,8 +197,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
             to_fp16(path, external_data)
         if int8:
             quantize_int8(path, external_data, accuracy_level=accuracy_level)
-        n_quant = insert_stored_codes(path, stored, external_data, accuracy_level) if stored else 0
-        n_emb = insert_stored_embeddings(path, stored_emb, external_data) if stored_emb else 0
+        n_quant, n_emb = (insert_stored(path, stored, stored_emb, external_data, accuracy_level)
+                          if stored or stored_emb else (0, 0))
         if fuse:  # last: the MatMuls have their final form (fp32, fp16 or MatMulNBits)
             fusions.update(fuse_file(path, external_data, model.config, matmuls=True))
         export_s = time.perf_counter() - started

@@ -91,14 +91,34 @@ def stored_embeddings(model: nn.Module) -> dict[str, StoredEmbedding]:
             for fqn, layer in quantized_embeddings(model).items()}
 
 
-def insert_stored_embeddings(path: Path, stored: dict[str, StoredEmbedding], external_data: bool) -> int:
-    """Rewrite each Gather on a quantized embedding's table to Gather(int8) -> Cast -> Mul(gathered scales)."""
+def _set_nodes(graph: Any, nodes: list[Any]) -> None:
+    """Replace the graph's nodes by ``nodes`` and drop the initializers no node reads any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {x for n in graph.node for x in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def insert_stored(path: Path, weights: dict[str, StoredWeight], embeddings: dict[str, StoredEmbedding],
+                  external_data: bool, accuracy_level: int = 0) -> tuple[int, int]:
+    """Both rewrites below on the graph at ``path``, loaded and saved once; returns (MatMuls, embeddings) rewritten."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     from .metadata import save_onnx
 
     model = onnx.load(str(path))
+    n_quant = insert_stored_codes(model, weights, accuracy_level) if weights else 0
+    n_emb = insert_stored_embeddings(model, embeddings) if embeddings else 0
+    save_onnx(model, path, external_data)
+    return n_quant, n_emb
+
+
+def insert_stored_embeddings(model: Any, stored: dict[str, StoredEmbedding]) -> int:
+    """Rewrite each Gather on a quantized embedding's table to Gather(int8) -> Cast -> Mul(gathered scales)."""
+    from onnx import TensorProto, helper, numpy_helper
+
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     new_nodes, done = [], set()
@@ -125,13 +145,7 @@ def insert_stored_embeddings(path: Path, stored: dict[str, StoredEmbedding], ext
     missing = {s.name for s in stored.values()} - done
     if missing:
         raise FactorlmError(f"ONNX export: no Gather found for quantized embeddings {sorted(missing)}")
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {x for n in graph.node for x in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    save_onnx(model, path, external_data)
+    _set_nodes(graph, new_nodes)
     log.info("wrote %d embedding lookups on int8 rows from the stored codes", len(done))
     return len(done)
 
@@ -159,15 +173,10 @@ def nbits_inputs(s: StoredWeight) -> tuple[np.ndarray, np.ndarray, int]:
     return codes.reshape(out_f, blocks, INT8_BLOCK), scales, INT8_BLOCK
 
 
-def insert_stored_codes(path: Path, stored: dict[str, StoredWeight], external_data: bool,
-                        accuracy_level: int = 0) -> int:
+def insert_stored_codes(model: Any, stored: dict[str, StoredWeight], accuracy_level: int = 0) -> int:
     """Rewrite the MatMuls on quantized weights to MatMulNBits from the stored codes; returns how many."""
-    import onnx
     from onnx import helper, numpy_helper
 
-    from .metadata import save_onnx
-
-    model = onnx.load(str(path))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     replaced: dict[str, str] = {}  # initializer -> module part
@@ -192,18 +201,12 @@ def insert_stored_codes(path: Path, stored: dict[str, StoredWeight], external_da
             domain=MS_DOMAIN, K=s.in_features, N=int(arr.shape[1]), bits=s.bits, block_size=block,
             accuracy_level=accuracy_level))
         replaced[weight] = s.name
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {x for n in graph.node for x in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _set_nodes(graph, new_nodes)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     missing = {s.name for s in stored.values()} - set(replaced.values())
     if missing:
         raise FactorlmError(f"ONNX export: no MatMul found for quantized weights {sorted(missing)[:5]}")
-    save_onnx(model, path, external_data)
     log.info("wrote %d quantized MatMuls as MatMulNBits from the stored codes", len(replaced))
     return len(replaced)
 
