@@ -101,7 +101,7 @@ def test_cli_runs_end_to_end(pair, tmp_path, capsys):
     dense, factored, text = pair
     assert main(["finetune", str(factored), "--teacher", str(dense), "-o", str(tmp_path / "out"), "--calib", str(text),
                  "--steps", "3", "--samples", "2", "--seq-len", "24", "--held-out", "1", "--no-progress"]) == 0
-    assert "held-out KL to the dense model" in capsys.readouterr().out
+    assert "held-out KL to the teacher" in capsys.readouterr().out
     assert load_factored(tmp_path / "out")(torch.tensor([[3, 4, 5]])).logits.isfinite().all()
 
 

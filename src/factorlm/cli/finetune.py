@@ -11,9 +11,10 @@ from .common import (check_context, check_output, device_type, input_path, int_a
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "finetune", help="train a factored checkpoint's factors (and separate correctors) on KL to its dense model")
+        "finetune", help="train a factored checkpoint's factors (and separate correctors), or a quantized one's scales, "
+             "on KL to its teacher")
     p.add_argument("folder", help="factored checkpoint folder")
-    p.add_argument("--teacher", required=True, help="the dense model it was compressed from (folder, or 'sample')")
+    p.add_argument("--teacher", required=True, help="the model it was compressed (or quantized) from: folder, or 'sample'")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--calib", default="sample",
                    help="training text: a .txt/.jsonl file, 'sample' or hf:NAME[:CONFIG[:SPLIT]] (default: sample); "
@@ -26,8 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per window (default 512)")
     p.add_argument("--held-out", type=positive_int, default=4,
                    help="held-out windows for the before/after KL (default 4)")
-    p.add_argument("--train", choices=("all", "correctors"), default="all",
-                   help="train every factor and corrector (default) or only separate correctors")
+    p.add_argument("--train", choices=("all", "correctors", "scales"), default="all",
+                   help="train every factor and corrector (default), only separate correctors, or only the scales "
+                        "of a quantized checkpoint (its codes stay; use the checkpoint it was quantized from as "
+                        "--teacher)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_type(("cpu", "cuda")), default="cpu", help="training device, e.g. cuda (bf16 autocast there; default cpu)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="windows per micro-batch per process (default 1)")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                                        snapshot_steps=args.snapshot_steps)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
-    print(f"held-out KL to the dense model: {report['held_out_kl_before']:.4f} -> {report['held_out_kl_after']:.4f} "
+    print(f"held-out KL to the teacher: {report['held_out_kl_before']:.4f} -> {report['held_out_kl_after']:.4f} "
           f"({report['trained_params']:,} parameters, {args.steps} steps, {report['seconds']['train']:.0f} s, "
           f"{report['tokens_per_s']:.0f} tokens/s, {report['world_size']} process(es))")
     print(f"saved factored checkpoint to {path}")

@@ -4,7 +4,8 @@ Block-wise compression fits each block to the dense block's output, one at a tim
 still add up over the depth of the network. This pass trains the whole compressed model at
 once on KL(dense ‖ compressed) of the next-token distributions over calibration text: every
 factor U, V (and every corrector A, B kept separate) moves, embeddings and norms stay fixed,
-so the parameter count, the ranks and the checkpoint format do not change.
+so the parameter count, the ranks and the checkpoint format do not change. On a quantized
+checkpoint only the scales move (``train="scales"``): the integer codes stay as stored.
 
 The teacher's log-probabilities are computed on the fly (one extra forward per step, no
 [tokens, vocab] store) or once, as a top-k cache (teacher_cache.py); the loop with batches,
@@ -39,6 +40,7 @@ from .loss_plots import loss_png
 logger = logging.getLogger(__name__)
 
 HELD_OUT_FRACTION = 0.1
+TRAIN_CHOICES = ("all", "correctors", "scales")
 
 
 @dataclass
@@ -46,7 +48,9 @@ class FinetuneConfig:
     """Steps, optimiser, batching and data of the distillation pass.
 
     ``train``: ``"all"`` trains every factor and corrector, ``"correctors"`` only the
-    correctors (A, B) of a checkpoint saved with ``--corrector-save separate``.
+    correctors (A, B) of a checkpoint saved with ``--corrector-save separate``, ``"scales"``
+    only the scales of a quantized checkpoint (the teacher is then best the floating-point
+    checkpoint it was quantized from, so that the loss is the quantization error alone).
     ``warmup`` of ``None`` means 10% of the steps. ``samples`` of ``None`` draws a fresh window for
     every window the run reads (steps x global batch), so no window is seen twice: on the sample
     model, 120 steps over 120 distinct windows reached a lower held-out KL and WikiText-2
@@ -86,8 +90,8 @@ class FinetuneConfig:
             raise FactorlmError("finetune needs batch_size, grad_accum and top_k >= 1")
         if self.lr <= 0:
             raise FactorlmError(f"finetune learning rate must be positive, got {self.lr}")
-        if self.train not in ("all", "correctors"):
-            raise FactorlmError(f"finetune train must be 'all' or 'correctors', got {self.train!r}")
+        if self.train not in TRAIN_CHOICES:
+            raise FactorlmError(f"finetune train must be one of {TRAIN_CHOICES}, got {self.train!r}")
         if self.parallel not in PARALLEL_MODES:
             raise FactorlmError(f"finetune parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
 
@@ -101,7 +105,19 @@ class FinetuneConfig:
 
 
 def trainable_factors(model: nn.Module, train: str) -> list[nn.Parameter]:
-    """The parameters the pass trains: factors and correctors (``all``) or correctors only."""
+    """The parameters the pass trains: factors and correctors (``all``), correctors only, or the
+    scales of a quantized checkpoint's layers (``scales``: the codes stay, every weight is still
+    ``code * scale``, so the output has the same format and size)."""
+    from ..runtime.quant_linear import quantized_modules
+
+    quantized = quantized_modules(model)
+    if train == "scales":
+        if not quantized:
+            raise FactorlmError("nothing to train: --train scales needs a quantized checkpoint (factorlm quantize)")
+        return [p for layer in quantized.values() for p in layer.trainable_scales()]
+    if quantized and train == "all":
+        raise FactorlmError("a quantized checkpoint's factors are integer codes; train their scales (--train scales) "
+                            "or finetune the floating-point checkpoint before quantizing it")
     params: list[nn.Parameter] = []
     for module in model.modules():
         if not isinstance(module, FactoredLinear):
@@ -271,7 +287,8 @@ def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_di
         raise FactorlmError(f"{teacher_dir}: vocabulary size {teacher.config.vocab_size} differs from the "
                             f"checkpoint's {student.config.vocab_size}; the teacher must be the model it was compressed from")
     tokenizer = load_tokenizer(src)
-    config = FactoredConfig(ranks={}, dense=block.dense, producer=block.producer)
+    config = FactoredConfig(ranks={}, dense=block.dense, producer=block.producer, rounding=block.rounding,
+                            bits=block.bits, group_size=block.group_size)
     wanted = {int(n) for n in snapshot_steps}
     if any(n < 1 or n > cfg.steps for n in wanted):
         raise FactorlmError(f"snapshot steps must lie in 1..{cfg.steps} (the run's steps), got {sorted(wanted)}")
@@ -301,7 +318,8 @@ def finetune_checkpoint(student_dir: str | Path, teacher_dir: str | Path, out_di
         del full
     if env.is_main:
         extra: dict[str, str | bytes] = {name: (src / name).read_bytes() for name in
-                                         ("factorlm_recipe.yaml", "factorlm_report.json", "factorlm_corrector_loss.png")
+                                         ("factorlm_recipe.yaml", "factorlm_report.json", "factorlm_corrector_loss.png",
+                                          "factorlm_quantization.json")
                                          if (src / name).is_file()}
         extra["factorlm_finetune.json"] = json.dumps(report, indent=2)
         extra["factorlm_finetune_loss.png"] = loss_png(report)

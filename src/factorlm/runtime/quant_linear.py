@@ -112,6 +112,28 @@ class _QuantizedBase(nn.Module):
         y = y if y.dtype == dtype else y.to(dtype)
         return y + bias if bias is not None else y
 
+    def trainable_scales(self) -> list[nn.Parameter]:
+        """Turn every part's scales into parameters and multiply through the dequantized weights.
+
+        The codes stay fixed and every weight is still exactly ``code * scale``, so a trained
+        layer saves in the same format; only the per-channel/per-group step sizes move (the
+        scale-only fine-tuning of quantized weights that PEQA, Kim et al. 2023, describes).
+        The matmul becomes the differentiable per-call dequantization; :meth:`prepare` again
+        after training for a fast kernel.
+        """
+        params = []
+        for part in self.parts:
+            name = f"{part}_scales"
+            value = self._buffers.pop(name, None)
+            if value is None:  # already a parameter
+                params.append(getattr(self, name))
+                continue
+            param = nn.Parameter(value.detach().clone())
+            self.register_parameter(name, param)
+            params.append(param)
+        self._kernels, self._states, self.kernel = {}, {}, "dequant"
+        return params
+
     def stored_bytes(self) -> int:
         return sum(getattr(self, f"{p}{s}").numel() * getattr(self, f"{p}{s}").element_size()
                    for p in self.parts for s in ("_qweight", "_scales"))
