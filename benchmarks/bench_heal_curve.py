@@ -4,7 +4,7 @@ One ``factorlm finetune`` run (``--procs`` gloo processes, top-k teacher cache, 
 writes the model after log-spaced steps (``--snapshot-steps``); afterwards every snapshot, the
 unhealed checkpoint (0 tokens) and the final model are scored on
 
-* the held-out KL to the dense model (full vocabulary, fp32) on held-out windows of the training
+* the held-out KL to the teacher (full vocabulary, fp32) on held-out windows of the training
   text (its last 10%, the windows ``factorlm finetune`` reports), and
 * WikiText-2 perplexity (first ``--ppl-tokens`` tokens, windows of 2048; evaluation only).
 
@@ -13,6 +13,9 @@ of that run, not the result of a shorter run. Writes results/heal_curve.md + .js
 
     python benchmarks/bench_heal_curve.py CKPT --calib TEXT --text wiki.test.raw --steps 256 \\
         --snapshot-steps 8 16 32 64 128 --procs 2 --batch-size 1 --seq-len 512 --bf16
+
+``--train scales`` with a quantized checkpoint and the floating-point one it came from as
+``--teacher`` gives the curve of scale-only training (results/<--name>.*).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def train(a: argparse.Namespace, out: Path) -> dict:
         args = [a.checkpoint, "--teacher", a.teacher, "-o", str(out), "--calib", a.calib, "--steps", str(a.steps),
                 "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--top-k", str(a.top_k),
                 "--lr", str(a.lr), "--held-out", str(a.held_out), "--no-progress",
-                "--snapshot-steps", *map(str, a.snapshot_steps)]
+                "--snapshot-steps", *map(str, a.snapshot_steps), "--train", a.train]
         if a.bf16:
             args.append("--bf16")
         if a.teacher_cache:
@@ -82,7 +85,7 @@ def score(point: tuple[int, str], a: argparse.Namespace) -> dict:
             "ppl_tokens_scored": ppl.tokens_scored, "eval_s": round(time.perf_counter() - t0, 1)}
 
 
-def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
+def plot(rows: list[dict], dense_ppl: float | None, path: Path, label: str = "dense", target: float = 1.5) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,12 +93,12 @@ def plot(rows: list[dict], dense_ppl: float | None, path: Path) -> None:
     x = [r["tokens"] for r in rows]  # symlog: 0 tokens (the unhealed checkpoint) sits at the left edge
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(x, [r["held_out_kl"] for r in rows], "o-")
-    ax1.set(xlabel="training tokens", ylabel="held-out KL to dense (nats/token)",
+    ax1.set(xlabel="training tokens", ylabel="held-out KL to the teacher (nats/token)",
             title="held-out KL")
-    ax2.plot(x, [r["wikitext2_ppl"] for r in rows], "o-", label="healed keep 0.8")
+    ax2.plot(x, [r["wikitext2_ppl"] for r in rows], "o-", label="trained")
     if dense_ppl:
-        ax2.axhline(dense_ppl, color="grey", ls="--", label=f"dense {dense_ppl:.2f}")
-        ax2.axhline(1.5 * dense_ppl, color="grey", ls=":", label="1.5x dense (target)")
+        ax2.axhline(dense_ppl, color="grey", ls="--", label=f"{label} {dense_ppl:.2f}")
+        ax2.axhline(target * dense_ppl, color="grey", ls=":", label=f"{target:g}x {label} (target)")
     ax2.set(xlabel="training tokens", ylabel="WikiText-2 perplexity", title="WikiText-2 perplexity")
     ax2.legend()
     for ax in (ax1, ax2):
@@ -110,7 +113,8 @@ def markdown(result: dict) -> str:
     """The heal_curve.md table (one row per scored point) with the run's settings and load."""
     dense = result.get("dense_ppl")
     fr = result["finetune_report"]
-    lines = ["# Healing curve (sample model, saes+mgaa keep 0.8, LAMBADA text)", "",
+    label = result.get("reference_label", "dense")
+    lines = [f"# {result.get('title', 'Healing curve (sample model, saes+mgaa keep 0.8, LAMBADA text)')}", "",
              f"One run of {result['steps']} steps x {result['tokens_per_step']:,} tokens ({result['procs']} gloo "
              f"process(es) x batch {result['batch_size']} x {result['seq_len']} tokens), top-{result['top_k']} teacher "
              f"cache, {'bf16 autocast' if result['bf16'] else 'fp32'}, peak lr {result['lr']:g} (10% warm-up, cosine "
@@ -121,8 +125,8 @@ def markdown(result: dict) -> str:
              "after scoring.", "",
              f"Held-out KL: full vocabulary, fp32, {result['held_out']} windows of {result['seq_len']} tokens from the "
              f"last 10% of the training text (never trained on). WikiText-2: first {result['ppl_tokens']:,} tokens of "
-             "wiki.test.raw, windows of 2048, fp32 (evaluation only)" + (f"; dense {dense:.2f} on the same tokens." if dense else "."),
-             "", "| step | training tokens | held-out KL | WikiText-2 ppl | ppl / dense | ppl change since previous point |",
+             "wiki.test.raw, windows of 2048, fp32 (evaluation only)" + (f"; {label} {dense:.2f} on the same tokens." if dense else "."),
+             "", f"| step | training tokens | held-out KL | WikiText-2 ppl | ppl / {label} | ppl change since previous point |",
              "|---|---|---|---|---|---|"]
     prev = None
     for r in result["points"]:
@@ -151,14 +155,22 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--teacher-cache", default=None)
     ap.add_argument("--ppl-tokens", type=int, default=16384)
-    ap.add_argument("--dense-ppl", type=float, default=None, help="dense perplexity on the same tokens (for the plot)")
+    ap.add_argument("--dense-ppl", type=float, default=None,
+                    help="the reference's perplexity on the same tokens (dense, or see --reference-label)")
+    ap.add_argument("--reference-label", default="dense", help="what --dense-ppl is the perplexity of")
+    ap.add_argument("--target-ratio", type=float, default=1.5, help="target line: this times the reference ppl")
+    ap.add_argument("--train", choices=("all", "correctors", "scales"), default="all",
+                    help="what the run trains (finetune --train); scales: a quantized checkpoint's scales")
+    ap.add_argument("--name", default="heal_curve", help="results/<name>.{md,json,png}")
+    ap.add_argument("--title", default="Healing curve (sample model, saes+mgaa keep 0.8, LAMBADA text)")
     ap.add_argument("--jobs", type=int, default=2, help="checkpoints scored side by side")
     ap.add_argument("--report-only", action="store_true", help="rewrite heal_curve.md/.png from heal_curve.json")
     a = ap.parse_args()
     if a.report_only:
-        result = json.loads((RESULTS / "heal_curve.json").read_text())
-        (RESULTS / "heal_curve.md").write_text(markdown(result))
-        plot(result["points"], result.get("dense_ppl"), RESULTS / "heal_curve.png")
+        result = json.loads((RESULTS / f"{a.name}.json").read_text())
+        (RESULTS / f"{a.name}.md").write_text(markdown(result))
+        plot(result["points"], result.get("dense_ppl"), RESULTS / f"{a.name}.png",
+             result.get("reference_label", "dense"), result.get("target_ratio", 1.5))
         return
 
     out = Path(a.out)
@@ -181,12 +193,13 @@ def main() -> None:
               "ppl_tokens": a.ppl_tokens, "tokens_per_step": tokens_per_step, "train_wall_s": round(train_wall, 1),
               "finetune_report": {k: report[k] for k in ("tokens_per_s", "seconds", "held_out_kl_before",
                                                            "held_out_kl_after", "world_size", "loss")},
-              "dense_ppl": a.dense_ppl, "loadavg": {"start": load_start, "after_training": load_trained,
+              "dense_ppl": a.dense_ppl, "reference_label": a.reference_label, "target_ratio": a.target_ratio,
+              "train": a.train, "title": a.title, "teacher": a.teacher, "loadavg": {"start": load_start, "after_training": load_trained,
                                                      "end": load_end}, "points": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "heal_curve.json").write_text(json.dumps(result, indent=2))
-    plot(rows, a.dense_ppl, RESULTS / "heal_curve.png")
-    (RESULTS / "heal_curve.md").write_text(markdown(result))
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(result, indent=2))
+    plot(rows, a.dense_ppl, RESULTS / f"{a.name}.png", a.reference_label, a.target_ratio)
+    (RESULTS / f"{a.name}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"training wall {train_wall:.0f} s, {report['tokens_per_s']:.0f} tokens/s; load {load_start} -> "
           f"{load_trained} -> {load_end}; log2 steps {[round(math.log2(max(r['step'], 1)), 1) for r in rows]}")

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 HELD_OUT_FRACTION = 0.1
 TRAIN_CHOICES = ("all", "correctors", "scales")
+# peak learning rates: absolute for factors and correctors, relative to each tensor's mean for scales
+DEFAULT_LR = {"all": 3e-5, "correctors": 3e-5, "scales": 1e-3}
 
 
 @dataclass
@@ -51,7 +53,8 @@ class FinetuneConfig:
     correctors (A, B) of a checkpoint saved with ``--corrector-save separate``, ``"scales"``
     only the scales of a quantized checkpoint (the teacher is then best the floating-point
     checkpoint it was quantized from, so that the loss is the quantization error alone).
-    ``warmup`` of ``None`` means 10% of the steps. ``samples`` of ``None`` draws a fresh window for
+    ``lr`` of ``None`` is :data:`DEFAULT_LR` for ``train``; for scales it is relative (see
+    :func:`relative_lr`). ``warmup`` of ``None`` means 10% of the steps. ``samples`` of ``None`` draws a fresh window for
     every window the run reads (steps x global batch), so no window is seen twice: on the sample
     model, 120 steps over 120 distinct windows reached a lower held-out KL and WikiText-2
     perplexity than 120 steps cycling over 64 (same time). A step reads ``batch_size`` windows per
@@ -66,7 +69,7 @@ class FinetuneConfig:
     """
 
     steps: int = 100
-    lr: float = 3e-5
+    lr: float | None = None
     warmup: int | None = None
     samples: int | None = None
     seq_len: int = 512
@@ -84,14 +87,16 @@ class FinetuneConfig:
     bf16: bool = False
 
     def __post_init__(self) -> None:
+        if self.train not in TRAIN_CHOICES:
+            raise FactorlmError(f"finetune train must be one of {TRAIN_CHOICES}, got {self.train!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.train]
         if self.steps < 1 or (self.samples is not None and self.samples < 1) or self.held_out < 1 or self.seq_len < 2:
             raise FactorlmError("finetune needs steps, samples and held-out windows >= 1 and seq_len >= 2")
         if self.batch_size < 1 or self.grad_accum < 1 or (self.top_k is not None and self.top_k < 1):
             raise FactorlmError("finetune needs batch_size, grad_accum and top_k >= 1")
         if self.lr <= 0:
             raise FactorlmError(f"finetune learning rate must be positive, got {self.lr}")
-        if self.train not in TRAIN_CHOICES:
-            raise FactorlmError(f"finetune train must be one of {TRAIN_CHOICES}, got {self.train!r}")
         if self.parallel not in PARALLEL_MODES:
             raise FactorlmError(f"finetune parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
 
@@ -130,6 +135,15 @@ def trainable_factors(model: nn.Module, train: str) -> list[nn.Parameter]:
         what = "factored layers" if train == "all" else "separate correctors (compress with --corrector-save separate)"
         raise FactorlmError(f"nothing to train: the model has no {what}")
     return params
+
+
+def relative_lr(named: dict[str, nn.Parameter], train: str) -> dict[str, float] | None:
+    """Per-tensor learning-rate multipliers: with ``train="scales"`` each tensor's mean magnitude,
+    so the learning rate is a relative step (the scales of one model span orders of magnitude:
+    V's are far smaller than U's); ``None`` (one rate for all) otherwise."""
+    if train != "scales":
+        return None
+    return {n: float(p.detach().abs().mean()) or 1.0 for n, p in named.items()}
 
 
 def split_windows(ids: torch.Tensor, cfg: FinetuneConfig, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +220,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train: torch.Tensor, held_o
     try:
         with torch.enable_grad():
             losses = train_loop(student, named, train, target, cfg, env, state_dir=state_dir, resume=resume,
-                                stop_after=stop_after, on_step=on_step)
+                                stop_after=stop_after, on_step=on_step, lr_scale=relative_lr(named, cfg.train))
     finally:
         bar.close()
         for p in params:

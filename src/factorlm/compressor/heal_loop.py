@@ -107,8 +107,13 @@ def load_state(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Opti
 def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Tensor,
           teacher_target: Callable[[list[int]], tuple], cfg: Any, env: DistEnv, *,
           state_dir: Path | None = None, resume: bool = False, stop_after: int | None = None,
-          on_step: Callable[[int, float], None] | None = None) -> list[float]:
+          on_step: Callable[[int, float], None] | None = None,
+          lr_scale: dict[str, float] | None = None) -> list[float]:
     """Run ``cfg.steps`` optimiser steps; returns the per-step loss (mean over the global batch).
+
+    ``lr_scale`` multiplies the learning rate of the named parameters (1 for the others): Adam
+    moves every element by about the learning rate, so a tensor whose values are ~1e-3 needs a
+    step that size, e.g. the scales of quantized weights, trained relative to their magnitude.
 
     ``teacher_target(indices)`` gives the teacher side for those windows: ``("full", logp)`` or
     ``("topk", logp, idx)``. ``stop_after`` ends the run early (as a kill would) after that step.
@@ -117,7 +122,10 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
     model: nn.Module = student
     if env.active and not env.sharded:  # FSDP shards the models in place before training
         model = nn.parallel.DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    groups: dict[float, list[nn.Parameter]] = {}  # one group per multiplier: Adam's foreach path per group
+    for n, p in named.items():
+        groups.setdefault((lr_scale or {}).get(n, 1.0), []).append(p)
+    opt = torch.optim.Adam([{"params": ps, "lr_scale": m} for m, ps in groups.items()], lr=cfg.lr)
     meta = {"config": {k: getattr(cfg, k) for k in ("steps", "lr", "warmup_steps", "batch_size", "grad_accum",
                                                     "seq_len", "samples", "seed", "top_k", "train", "clip", "bf16")},
             "world_size": env.world_size, "parallel": env.mode}
@@ -130,7 +138,7 @@ def train(student: nn.Module, named: dict[str, nn.Parameter], windows: torch.Ten
     b, accum, w = cfg.batch_size, cfg.grad_accum, env.world_size
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps)
+            group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, cfg.steps, cfg.warmup_steps)
         idx = step_windows(step, windows.shape[0], b * accum * w)
         opt.zero_grad(set_to_none=True)
         total = 0.0
