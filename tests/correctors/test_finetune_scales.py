@@ -69,3 +69,14 @@ def test_train_choice_must_fit_the_checkpoint(quantized, tmp_path, capsys):
                  "--train", "scales", "--steps", "2", "--samples", "2", "--seq-len", "24", "--held-out", "1",
                  "--no-progress"]) == 0
     assert "held-out KL to the teacher" in capsys.readouterr().out
+
+
+def test_scale_learning_rate_is_relative_to_each_tensor():
+    from torch import nn
+
+    from factorlm.compressor.finetune import DEFAULT_LR, relative_lr
+
+    named = {"v": nn.Parameter(torch.full((4,), 1e-3)), "u": nn.Parameter(torch.tensor([-2.0, 2.0]))}
+    assert relative_lr(named, "scales") == {"v": pytest.approx(1e-3), "u": pytest.approx(2.0)}
+    assert relative_lr(named, "all") is None
+    assert FinetuneConfig(train="scales").lr == DEFAULT_LR["scales"] != FinetuneConfig().lr
