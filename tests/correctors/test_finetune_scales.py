@@ -80,3 +80,34 @@ def test_scale_learning_rate_is_relative_to_each_tensor():
     assert relative_lr(named, "scales") == {"v": pytest.approx(1e-3), "u": pytest.approx(2.0)}
     assert relative_lr(named, "all") is None
     assert FinetuneConfig(train="scales").lr == DEFAULT_LR["scales"] != FinetuneConfig().lr
+
+
+def test_quantize_with_scale_steps_trains_the_scales_of_the_same_codes(quantized, tmp_path):
+    factored, _, text = quantized
+    common = dict(bits=4, group_size=16, rounding="gptq", calib=str(text), calib_samples=4, calib_len=32)
+    quantize_checkpoint(factored, tmp_path / "plain", **common)
+    info = quantize_checkpoint(factored, tmp_path / "tuned", **common, scale_steps=4)
+    assert info["scale_training"]["held_out_kl_after"] < info["scale_training"]["held_out_kl_before"]
+    plain, tuned = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
+    assert plain.keys() == tuned.keys()
+    assert all(torch.equal(plain[k], tuned[k]) for k in plain if not k.endswith("_scales"))  # same codes
+    assert any(not torch.equal(plain[k], tuned[k]) for k in plain if k.endswith("_scales"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "tuned"]  # the untrained copy is gone
+    assert json.loads((tmp_path / "tuned" / "factorlm_quantization.json").read_text())["scale_steps"] == 4
+
+
+def test_compress_and_quantize_cli_take_scale_steps(tmp_path, capsys):
+    from factorlm.testing import save_tiny_dense
+
+    dense = save_tiny_dense(tmp_path / "dense")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "c4"
+    assert main(["compress", str(dense), "-o", str(out), "--keep", "0.5", "--factor-bits", "4", "--group-size", "8",
+                 "--rounding", "gptq", "--calib", str(text), "--calib-samples", "2", "--calib-len", "32",
+                 "--scale-steps", "2", "--no-progress"]) == 0
+    assert "scale training: held-out KL" in capsys.readouterr().out
+    assert read_factored_config(out).bits == 4 and (out / "factorlm_finetune.json").is_file()
+    assert not any(p.name.endswith(".untrained-scales") for p in tmp_path.iterdir())
+    assert main(["compress", str(dense), "-o", str(tmp_path / "x"), "--scale-steps", "2"]) == 2
+    assert "--scale-steps applies to quantized factors" in capsys.readouterr().err

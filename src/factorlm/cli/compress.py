@@ -211,10 +211,11 @@ def check_args(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe
 
         check_factor_flags(args, recipe.rank_multiple)
     elif (getattr(args, "lm_head", False) or getattr(args, "embeddings", False)
-          or getattr(args, "group_size", None) is not None):
+          or getattr(args, "group_size", None) is not None or getattr(args, "scale_steps", 0)):
         from ..runtime.format import FactorlmError
 
-        flag = "--lm-head" if args.lm_head else "--embeddings" if args.embeddings else "--group-size"
+        flag = ("--lm-head" if args.lm_head else "--embeddings" if args.embeddings
+                else "--group-size" if args.group_size is not None else "--scale-steps")
         raise FactorlmError(f"{flag} applies to quantized factors; pass --factor-bits 8|4 with it")
     from ..compressor import check_recipe
 

@@ -43,6 +43,9 @@ def add_quant_flags(p: argparse.ArgumentParser, bits_flag: str, required: bool =
     p.add_argument("--embeddings", action="store_true",
                    help="also store the input embeddings as int8 rows with per-row scales (a tied model needs "
                         "--lm-head too)")
+    p.add_argument("--scale-steps", type=int_at_least(0), default=0,
+                   help="then train the scales for N steps on KL to the unquantized checkpoint over the "
+                        "calibration text, one new window per step (codes and format unchanged; default 0: off)")
     if bits_flag == "--bits":  # compress has its own calibration flags
         p.add_argument("--calib", default="sample", help="calibration text for gptq (default: built-in sample text)")
         p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration windows (default 32)")
@@ -75,11 +78,20 @@ def run(args: argparse.Namespace) -> int:
     info = quantize_checkpoint(src, args.output, bits=args.bits, group_size=group, rounding=args.rounding,
                                dense=args.dense, calib=args.calib, calib_samples=args.calib_samples,
                                calib_len=args.calib_len, seed=args.seed, overwrite=args.overwrite,
-                               lm_head=args.lm_head, embeddings=args.embeddings, progress=not args.no_progress)
+                               lm_head=args.lm_head, embeddings=args.embeddings, progress=not args.no_progress,
+                               scale_steps=args.scale_steps)
     extras = ", ".join(w for w, on in (("LM head", args.lm_head), ("int8 embeddings", args.embeddings)) if on)
     print(f"quantized {info['modules']} modules{f' ({extras} included)' if extras else ''} to int{args.bits}"
           f"{f' (group {group})' if group else ''}, {args.rounding}; saved to {args.output}")
+    print_scale_training(info)
     return 0
+
+
+def print_scale_training(info: dict) -> None:
+    if "scale_training" in info:
+        t = info["scale_training"]
+        print(f"scale training: held-out KL to the unquantized checkpoint {t['held_out_kl_before']:.4f} -> "
+              f"{t['held_out_kl_after']:.4f} ({t['train_tokens']:,} tokens)")
 
 
 def check_factor_flags(args: argparse.Namespace, rank_multiple: int) -> None:
@@ -103,7 +115,9 @@ def quantize_output(args: argparse.Namespace, path: object) -> None:
     from ..compressor import quantize_checkpoint
 
     calib = args.calib or "sample"
-    quantize_checkpoint(path, path, bits=args.factor_bits, group_size=group_size_of(args, args.factor_bits),
-                        rounding=args.rounding, calib=calib, calib_samples=args.calib_samples,
-                        calib_len=args.calib_len, seed=args.seed, overwrite=True, lm_head=args.lm_head,
-                        embeddings=args.embeddings, progress=not args.no_progress)
+    info = quantize_checkpoint(path, path, bits=args.factor_bits, group_size=group_size_of(args, args.factor_bits),
+                               rounding=args.rounding, calib=calib, calib_samples=args.calib_samples,
+                               calib_len=args.calib_len, seed=args.seed, overwrite=True, lm_head=args.lm_head,
+                               embeddings=args.embeddings, progress=not args.no_progress,
+                               scale_steps=args.scale_steps)
+    print_scale_training(info)

@@ -223,7 +223,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
                         rounding: str = "rtn", dense: bool = False, calib: str = "sample", calib_samples: int = 32,
                         calib_len: int = 512, seed: int = 0, overwrite: bool = False,
                         options: QuantOptions | None = None, lm_head: bool = False, embeddings: bool = False,
-                        progress: bool = False) -> dict[str, Any]:
+                        progress: bool = False, scale_steps: int = 0) -> dict[str, Any]:
     """Quantize checkpoint ``src`` into ``out`` (may equal ``src`` with ``overwrite``); returns a summary.
 
     ``lm_head`` also quantizes the output projection (read once per generated token, a fifth
@@ -235,6 +235,9 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     ``options`` (:class:`~factorlm.runtime.quant.QuantOptions`, default all on) choose the
     codes: clipping search, GPTQ act-order, U/V balancing; they are recorded in
     ``factorlm_quantization.json``, the stored format does not depend on them.
+
+    ``scale_steps`` > 0 then trains the scales for that many steps on KL to ``src`` over the
+    calibration text (:func:`tune_scales`); the codes and the format stay as quantized.
     """
     options = options or QuantOptions()
     from ..runtime.checkpoint import load_model, load_tokenizer, save_factored
@@ -251,6 +254,8 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
         check_embeddings(skeleton, lm_head)
     if not targets:
         raise FactorlmError(f"{src}: nothing to quantize (no factored modules, and no dense linears selected)")
+    if scale_steps < 0:
+        raise FactorlmError(f"scale steps must be >= 0, got {scale_steps}")
     check_targets(targets, bits, group_size)
     model = load_model(src, fast_layout=False).float()
     tokenizer = load_tokenizer(src)
@@ -279,12 +284,36 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     extra: dict[str, str | bytes] = {name: (src / name).read_text() for name in SIDE_FILES if (src / name).is_file()}
     info = {"bits": bits, "group_size": group_size, "rounding": rounding, "modules": len(targets), "lm_head": lm_head,
             "embeddings": embeddings,
-            "options": options.to_dict(),
+            "options": options.to_dict(), "scale_steps": scale_steps,
             "calibration": {"source": calib, "samples": calib_samples, "length": calib_len} if rounding == "gptq" else None}
     extra["factorlm_quantization.json"] = json.dumps(info, indent=2) + "\n"
-    path = save_factored(model, out, tokenizer=tokenizer, config=config, extra_files=extra, overwrite=overwrite)
+    target = out.with_name(out.name + ".untrained-scales") if scale_steps else out
+    path = save_factored(model, target, tokenizer=tokenizer, config=config, extra_files=extra,
+                         overwrite=overwrite or target != out)
+    del model
     if (src / "generation_config.json").is_file() and not (path / "generation_config.json").is_file():
         shutil.copy2(src / "generation_config.json", path / "generation_config.json")
+    if scale_steps:
+        try:
+            info["scale_training"] = tune_scales(src, target, out, calib, scale_steps, calib_len, seed, progress)
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
     logger.info("wrote %s (%d-bit%s, %s, %d modules)", out, bits, f", group {group_size}" if group_size else "",
                 rounding, len(targets))
     return info
+
+
+def tune_scales(teacher: Path, quantized: Path, out: Path, calib: str, steps: int, seq_len: int, seed: int,
+                progress: bool) -> dict[str, Any]:
+    """Train the scales of ``quantized`` against ``teacher`` (the fp checkpoint) into ``out``.
+
+    One new window of ``seq_len`` tokens of ``calib`` per step, the default relative learning
+    rate, bf16 autocast on the CPU (the scales, Adam and the loss stay fp32); returns the
+    held-out KL before and after.
+    """
+    from .finetune import FinetuneConfig, finetune_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = FinetuneConfig(steps=steps, train="scales", seq_len=seq_len, seed=seed, bf16=device == "cpu", device=device)
+    _, report = finetune_checkpoint(quantized, teacher, out, calib, cfg, overwrite=True, progress=progress)
+    return {k: report[k] for k in ("held_out_kl_before", "held_out_kl_after", "train_tokens")}
