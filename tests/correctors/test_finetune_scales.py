@@ -111,3 +111,13 @@ def test_compress_and_quantize_cli_take_scale_steps(tmp_path, capsys):
     assert not any(p.name.endswith(".untrained-scales") for p in tmp_path.iterdir())
     assert main(["compress", str(dense), "-o", str(tmp_path / "x"), "--scale-steps", "2"]) == 2
     assert "--scale-steps applies to quantized factors" in capsys.readouterr().err
+
+
+def test_a_quantized_lm_head_keeps_its_scales(quantized, tmp_path):
+    factored, _, text = quantized
+    quantize_checkpoint(factored, tmp_path / "q4h", bits=4, group_size=16, lm_head=True)
+    cfg = FinetuneConfig(steps=3, lr=1e-2, samples=3, seq_len=32, held_out=1, train="scales")
+    out, _ = finetune_checkpoint(tmp_path / "q4h", factored, tmp_path / "tuned", str(text), cfg, progress=False)
+    before, after = load_file(tmp_path / "q4h" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert torch.equal(before["lm_head.weight_scales"], after["lm_head.weight_scales"])
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("_scales"))

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the last 10%% of its tokens are held out to measure the gain")
     p.add_argument("--steps", type=positive_int, default=100, help="optimiser steps (default 100)")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="peak learning rate (Adam, warm-up then cosine; default 3e-5, or with --train scales 1e-3 "
+                   help="peak learning rate (Adam, warm-up then cosine; default 3e-5, or with --train scales 3e-3 "
                         "relative to each scale tensor's mean)")
     p.add_argument("--samples", type=positive_int, default=None,
                    help="training windows, cycled over when fewer than the steps (default: one per step)")

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.1
 TRAIN_CHOICES = ("all", "correctors", "scales")
 # peak learning rates: absolute for factors and correctors, relative to each tensor's mean for scales
-DEFAULT_LR = {"all": 3e-5, "correctors": 3e-5, "scales": 1e-3}
+DEFAULT_LR = {"all": 3e-5, "correctors": 3e-5, "scales": 3e-3}
 
 
 @dataclass
@@ -112,14 +112,20 @@ class FinetuneConfig:
 def trainable_factors(model: nn.Module, train: str) -> list[nn.Parameter]:
     """The parameters the pass trains: factors and correctors (``all``), correctors only, or the
     scales of a quantized checkpoint's layers (``scales``: the codes stay, every weight is still
-    ``code * scale``, so the output has the same format and size)."""
+    ``code * scale``, so the output has the same format and size).
+
+    A quantized LM head keeps its scales: they set the output distribution directly and learn the
+    training text's word frequencies (on the sample model, training them too left WikiText-2
+    perplexity where it was, 150.1 -> 149.0, against 132.1 with the head fixed; quant.md).
+    """
     from ..runtime.quant_linear import quantized_modules
 
     quantized = quantized_modules(model)
     if train == "scales":
         if not quantized:
             raise FactorlmError("nothing to train: --train scales needs a quantized checkpoint (factorlm quantize)")
-        return [p for layer in quantized.values() for p in layer.trainable_scales()]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [p for layer in quantized.values() if layer is not head for p in layer.trainable_scales()]
     if quantized and train == "all":
         raise FactorlmError("a quantized checkpoint's factors are integer codes; train their scales (--train scales) "
                             "or finetune the floating-point checkpoint before quantizing it")
