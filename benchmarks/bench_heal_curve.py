@@ -194,7 +194,7 @@ def main() -> None:
               "finetune_report": {k: report[k] for k in ("tokens_per_s", "seconds", "held_out_kl_before",
                                                            "held_out_kl_after", "world_size", "loss")},
               "dense_ppl": a.dense_ppl, "reference_label": a.reference_label, "target_ratio": a.target_ratio,
-              "train": a.train, "title": a.title, "teacher": a.teacher, "loadavg": {"start": load_start, "after_training": load_trained,
+              "train": a.train, "title": a.title, "teacher": Path(a.teacher).name, "loadavg": {"start": load_start, "after_training": load_trained,
                                                      "end": load_end}, "points": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(result, indent=2))
