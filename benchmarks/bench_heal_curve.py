@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--name", default="heal_curve", help="results/<name>.{md,json,png}")
     ap.add_argument("--title", default="Healing curve (sample model, saes+mgaa keep 0.8, LAMBADA text)")
     ap.add_argument("--jobs", type=int, default=2, help="checkpoints scored side by side")
-    ap.add_argument("--report-only", action="store_true", help="rewrite heal_curve.md/.png from heal_curve.json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite <name>.md/.png from <name>.json")
     a = ap.parse_args()
     if a.report_only:
         result = json.loads((RESULTS / f"{a.name}.json").read_text())

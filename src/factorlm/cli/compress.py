@@ -206,17 +206,18 @@ def check_args(args: argparse.Namespace):  # noqa: ANN201 - CompressionRecipe
         raise FactorlmError(f"--beta applies to --method saes only (got --method {args.method})")
     recipe = build_recipe(args)  # recipe file errors (key, type, version) come first, without torch
     check_output(args.output, overwrite=args.overwrite, inputs=[input_path(args.model)])
-    if getattr(args, "factor_bits", None):
+    if args.factor_bits:
         from .quantize import check_factor_flags
 
         check_factor_flags(args, recipe.rank_multiple)
-    elif (getattr(args, "lm_head", False) or getattr(args, "embeddings", False)
-          or getattr(args, "group_size", None) is not None or getattr(args, "scale_steps", 0)):
-        from ..runtime.format import FactorlmError
+    else:  # the quantization flags mean nothing without --factor-bits: refused, not ignored
+        given = {"--lm-head": args.lm_head, "--embeddings": args.embeddings,
+                 "--group-size": args.group_size is not None, "--scale-steps": args.scale_steps > 0}
+        flag = next((f for f, on in given.items() if on), None)
+        if flag is not None:
+            from ..runtime.format import FactorlmError
 
-        flag = ("--lm-head" if args.lm_head else "--embeddings" if args.embeddings
-                else "--group-size" if args.group_size is not None else "--scale-steps")
-        raise FactorlmError(f"{flag} applies to quantized factors; pass --factor-bits 8|4 with it")
+            raise FactorlmError(f"{flag} applies to quantized factors; pass --factor-bits 8|4 with it")
     from ..compressor import check_recipe
 
     return check_recipe(recipe, str(args.recipe or "command line"))
