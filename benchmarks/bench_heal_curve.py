@@ -6,7 +6,8 @@ unhealed checkpoint (0 tokens) and the final model are scored on
 
 * the held-out KL to the teacher (full vocabulary, fp32) on held-out windows of the training
   text (its last 10%, the windows ``factorlm finetune`` reports), and
-* WikiText-2 perplexity (first ``--ppl-tokens`` tokens, windows of 2048; evaluation only).
+* WikiText-2 perplexity (first ``--ppl-tokens`` tokens, windows of ``--ppl-window``, default 2048;
+  evaluation only).
 
 The learning-rate schedule is the full run's (warm-up, cosine to 10%), so a snapshot is the state
 of that run, not the result of a shorter run. Writes results/heal_curve.md + .json + .png.
@@ -31,6 +32,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def source_label(spec: str) -> str:
+    """The training text by file or source name only (no folders): ``a.txt,sample,austen``."""
+    return ",".join(part.split(":")[0] if part.startswith(("austen", "hf:")) else Path(part).name
+                    for part in spec.split(","))
 
 
 def loadavg() -> list[str]:
@@ -80,7 +87,7 @@ def score(point: tuple[int, str], a: argparse.Namespace) -> dict:
         kl = sum(float(kl_to_teacher(student(input_ids=w).logits, teacher(input_ids=w).logits.float().log_softmax(-1)))
                  for w in held.split(1)) / held.shape[0]
         del teacher
-        ppl = perplexity(student, tok, read_text(a.text), window=2048, max_tokens=a.ppl_tokens, progress=False)
+        ppl = perplexity(student, tok, read_text(a.text), window=a.ppl_window, max_tokens=a.ppl_tokens, progress=False)
     return {"step": step, "held_out_kl": round(kl, 6), "wikitext2_ppl": round(ppl.ppl, 4),
             "ppl_tokens_scored": ppl.tokens_scored, "eval_s": round(time.perf_counter() - t0, 1)}
 
@@ -125,7 +132,7 @@ def markdown(result: dict) -> str:
              "after scoring.", "",
              f"Held-out KL: full vocabulary, fp32, {result['held_out']} windows of {result['seq_len']} tokens from the "
              f"last 10% of the training text (never trained on). WikiText-2: first {result['ppl_tokens']:,} tokens of "
-             "wiki.test.raw, windows of 2048, fp32 (evaluation only)" + (f"; {label} {dense:.2f} on the same tokens." if dense else "."),
+             f"wiki.test.raw, windows of {result.get('ppl_window', 2048)}, fp32 (evaluation only)" + (f"; {label} {dense:.2f} on the same tokens." if dense else "."),
              "", f"| step | training tokens | held-out KL | WikiText-2 ppl | ppl / {label} | ppl change since previous point |",
              "|---|---|---|---|---|---|"]
     prev = None
@@ -155,6 +162,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--teacher-cache", default=None)
     ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--ppl-window", type=int, default=2048, help="WikiText-2 window (default 2048)")
     ap.add_argument("--dense-ppl", type=float, default=None,
                     help="the reference's perplexity on the same tokens (dense, or see --reference-label)")
     ap.add_argument("--reference-label", default="dense", help="what --dense-ppl is the perplexity of")
@@ -190,7 +198,8 @@ def main() -> None:
     load_end = loadavg()
     result = {"checkpoint": Path(a.checkpoint).name, "steps": a.steps, "procs": a.procs, "batch_size": a.batch_size,
               "seq_len": a.seq_len, "top_k": a.top_k, "lr": a.lr, "bf16": a.bf16, "held_out": a.held_out,
-              "ppl_tokens": a.ppl_tokens, "tokens_per_step": tokens_per_step, "train_wall_s": round(train_wall, 1),
+              "ppl_tokens": a.ppl_tokens, "ppl_window": a.ppl_window,
+              "calib": source_label(a.calib), "tokens_per_step": tokens_per_step, "train_wall_s": round(train_wall, 1),
               "finetune_report": {k: report[k] for k in ("tokens_per_s", "seconds", "held_out_kl_before",
                                                            "held_out_kl_after", "world_size", "loss")},
               "dense_ppl": a.dense_ppl, "reference_label": a.reference_label, "target_ratio": a.target_ratio,

@@ -48,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-rank", action=Given, type=positive_int, default=None,
                    help="smallest rank (default: the rank multiple)")
     p.add_argument("--calib", action=Given, default=None,
-                   help="calibration text: a .txt/.jsonl file, 'sample' (built-in, not WikiText-2) or "
-                        "hf:NAME[:CONFIG[:SPLIT]] (default: 'sample' when calibration is needed)")
+                   help="calibration text: a .txt/.jsonl file, 'sample' (built-in, not WikiText-2), 'austen', "
+                        "hf:NAME[:CONFIG[:SPLIT]], or several joined by commas (interleaved) "
+                        "(default: 'sample' when calibration is needed)")
     p.add_argument("--calib-samples", action=Given, type=positive_int, default=32,
                    help="calibration windows (default 32)")
     p.add_argument("--calib-len", action=Given, type=int_at_least(2), default=512,

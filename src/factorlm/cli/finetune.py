@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=True, help="the model it was compressed (or quantized) from: folder, or 'sample'")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--calib", default="sample",
-                   help="training text: a .txt/.jsonl file, 'sample' or hf:NAME[:CONFIG[:SPLIT]] (default: sample); "
+                   help="training text: a .txt/.jsonl file, 'sample', 'austen', hf:NAME[:CONFIG[:SPLIT]], or several "
+                        "joined by commas, interleaved (default: sample); "
                         "the last 10%% of its tokens are held out to measure the gain")
     p.add_argument("--steps", type=positive_int, default=100, help="optimiser steps (default 100)")
     p.add_argument("--lr", type=positive_float, default=None,

@@ -47,7 +47,8 @@ def add_quant_flags(p: argparse.ArgumentParser, bits_flag: str, required: bool =
                    help="then train the scales for N steps on KL to the unquantized checkpoint over the "
                         "calibration text, one new window per step (codes and format unchanged; default 0: off)")
     if bits_flag == "--bits":  # compress has its own calibration flags
-        p.add_argument("--calib", default="sample", help="calibration text for gptq (default: built-in sample text)")
+        p.add_argument("--calib", default="sample", help="calibration text for gptq and --scale-steps, any --calib source of compress "
+                                                        "(default: built-in sample text)")
         p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration windows (default 32)")
         p.add_argument("--calib-len", type=int_at_least(2), default=512, help="tokens per window (default 512)")
         p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")

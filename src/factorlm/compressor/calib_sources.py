@@ -11,7 +11,12 @@ A source is one of:
 * ``austen`` or ``austen:PATH``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr``
   (``PATH``: the ``.deb`` from ``apt-get download r-cran-janeaustenr``, or a folder holding the
   extracted package; ``austen`` alone looks in the installed R library). Read without R, see
-  ``rdata_text.py``.
+  ``rdata_text.py``;
+* several of these joined by commas (``lambada.txt,sample,austen``): their texts interleaved
+  in blocks of whole paragraphs, each source spread evenly over the result
+  (:func:`mixed_text`), so any stretch of it (finetuning's held-out last 10% included) has
+  every source in proportion to its length. Broader training text keeps a long finetune from
+  fitting one corpus.
 
 The text is tokenized once and ``n_samples`` windows of ``seq_len`` tokens are drawn with a
 seeded RNG, so a recipe reproduces its calibration exactly.
@@ -34,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_SOURCE = "sample"
 AUSTEN_SOURCE = "austen"
+MIX_SEPARATOR = ","
+MIX_BLOCK_CHARS = 4000
 _BOOLQ_PARTS = ("hf_datasets", "boolq", "none", "validation", "data-00000-of-00001.arrow")
 
 
@@ -100,9 +107,54 @@ def file_text(path: str | Path) -> str:
     return text
 
 
+def paragraph_blocks(text: str, block_chars: int = MIX_BLOCK_CHARS) -> list[str]:
+    """``text`` cut at blank lines into blocks of whole paragraphs, each at least ``block_chars``
+    long (the last may be shorter)."""
+    blocks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for para in (p.strip() for p in text.split("\n\n")):
+        if not para:
+            continue
+        current.append(para)
+        size += len(para)
+        if size >= block_chars:
+            blocks.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        blocks.append("\n\n".join(current))
+    return blocks
+
+
+def mixed_text(texts: list[str], block_chars: int = MIX_BLOCK_CHARS) -> str:
+    """Interleave ``texts`` block by block, block i of a text with n blocks placed at (i + 0.5) / n
+    of the result: every source keeps its order and its share of every stretch of the stream."""
+    keyed = []
+    for index, text in enumerate(texts):
+        blocks = paragraph_blocks(text, block_chars)
+        keyed += [((i + 0.5) / len(blocks), index, block) for i, block in enumerate(blocks)]
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    return "\n\n".join(block for _, _, block in keyed)
+
+
+def mix_parts(source: str) -> list[str] | None:
+    """The sources of a comma-joined mix, or None for a single source (an existing file's name
+    may contain commas)."""
+    if MIX_SEPARATOR not in source or Path(source).is_file():
+        return None
+    parts = [part.strip() for part in source.split(MIX_SEPARATOR)]
+    if any(not part for part in parts):
+        raise FactorlmError(f"calibration source {source!r}: empty entry in the comma-separated list")
+    return parts
+
+
 def calibration_text(source: str | Path) -> str:
-    """Resolve a calibration source (file, ``sample``, ``hf:...``) to its text."""
+    """Resolve a calibration source (file, ``sample``, ``hf:...``, ``austen``, or a comma-joined
+    mix of them) to its text."""
     src = str(source)
+    parts = mix_parts(src)
+    if parts is not None:
+        return mixed_text([calibration_text(part) for part in parts])
     if src == SAMPLE_SOURCE:
         text = sample_text()
     elif src.startswith("hf:"):
