@@ -36,8 +36,10 @@ RESULTS = Path(__file__).parent / "results"
 
 def source_label(spec: str) -> str:
     """The training text by file or source name only (no folders): ``a.txt,sample,austen``."""
-    return ",".join(part.split(":")[0] if part.startswith(("austen", "hf:")) else Path(part).name
-                    for part in spec.split(","))
+    from factorlm.compressor.calib_sources import MIX_SEPARATOR, mix_parts
+
+    return MIX_SEPARATOR.join(part.split(":")[0] if part.startswith(("austen", "hf:")) else Path(part).name
+                              for part in mix_parts(spec) or [spec])
 
 
 def loadavg() -> list[str]:
